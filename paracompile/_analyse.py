@@ -1,0 +1,208 @@
+"""Symbolic analysis (SymPy): new states as expressions, the Jacobian, its proven structure,
+and the partial derivatives the backward pass needs.
+
+All expressions are per channel. A matrix product ``M @ E`` is replaced by a symbol ``u_m``
+(its value at this channel); ``mdiag_m`` stands for ``M[c, c]``, so the channel-diagonal
+block of the Jacobian of a dense cell is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from functools import cached_property
+
+import sympy as sp
+
+from ._ir import CellIR, MatVec, primed, symbol
+
+
+@dataclass(frozen=True)
+class MatVecTerm:
+    """``u = M @ operand``: ``u`` and ``mdiag`` (= M[c, c]) are per-channel symbols."""
+
+    matrix: str
+    operand: sp.Expr
+    u: sp.Symbol
+    mdiag: sp.Symbol
+
+
+@dataclass(frozen=True)
+class Analysis:
+    ir: CellIR
+    states: tuple[sp.Symbol, ...]
+    inputs: tuple[sp.Symbol, ...]
+    params: tuple[sp.Symbol, ...]  # vector and scalar params, in declaration order
+    matrices: tuple[str, ...]
+    matvecs: tuple[MatVecTerm, ...]
+    new_states: tuple[sp.Expr, ...]  # over states, inputs, params and the u_m symbols
+    outputs: tuple[sp.Expr, ...]
+    jacobian: sp.Matrix  # k×k channel-diagonal block ∂s'_i/∂s_j (exact unless dense)
+    pattern: tuple[tuple[bool, ...], ...]  # not proven zero
+    structure: str  # "diagonal", "block(K)" or "dense"
+
+    def readable(self, expr: sp.Expr) -> sp.Expr:
+        """`expr` with the user's intermediates (and primed states) folded back in by name."""
+        for eq in self.ir.equations:
+            if eq.kind == "output":
+                continue
+            name = eq.target if eq.kind == "intermediate" else primed(eq.target)
+            expr = expr.xreplace({eq.expr: symbol(name)})
+        for t in self.matvecs:
+            expr = expr.xreplace({t.u: sp.Symbol(f"({t.matrix} @ {sp.sstr(t.operand)})")})
+        return expr
+
+    @property
+    def k(self) -> int:
+        return len(self.states)
+
+    @property
+    def block_size(self) -> int:
+        return _largest_component(self.pattern)
+
+    @property
+    def dense(self) -> bool:
+        return self.structure == "dense"
+
+    @cached_property
+    def jac_entries(self) -> tuple[tuple[int, int], ...]:
+        """Nonzero (i, j) of the Jacobian closed under products (diagonal included), row-major:
+        where a product of step Jacobians can be nonzero."""
+        k = self.k
+        reach = [[self.pattern[i][j] or i == j for j in range(k)] for i in range(k)]
+        for m in range(k):  # Floyd–Warshall transitive closure
+            for i in range(k):
+                if reach[i][m]:
+                    for j in range(k):
+                        reach[i][j] = reach[i][j] or reach[m][j]
+        return tuple((i, j) for i in range(k) for j in range(k) if reach[i][j])
+
+
+def analyse(ir: CellIR) -> Analysis:
+    """Substitute intermediates, extract matrix products, differentiate, prove zeros."""
+    states = tuple(symbol(s) for s in ir.states)
+    inputs = tuple(symbol(x) for x in ir.inputs)
+    params = tuple(symbol(p.name) for p in ir.params if p.kind != "matrix")
+    matrices = tuple(p.name for p in ir.params if p.kind == "matrix")
+
+    values: dict[sp.Symbol, sp.Expr] = {}
+    matvecs: dict[sp.Expr, MatVecTerm] = {}
+
+    def resolve(expr: sp.Expr) -> sp.Expr:
+        expr = expr.xreplace(values)
+        for mv in sorted(expr.atoms(MatVec), key=sp.default_sort_key):
+            if mv not in matvecs:
+                m = len(matvecs)
+                matvecs[mv] = MatVecTerm(
+                    str(mv.args[0]), mv.args[1], symbol(f"_u{m}"), symbol(f"_mdiag{m}")
+                )
+            expr = expr.xreplace({mv: matvecs[mv].u})
+        return expr
+
+    new_states: dict[str, sp.Expr] = {}
+    outputs: list[sp.Expr] = []
+    for eq in ir.equations:
+        value = resolve(eq.expr)
+        if eq.kind == "intermediate":
+            values[symbol(eq.target)] = value
+        elif eq.kind == "update":
+            new_states[eq.target] = value
+            values[symbol(primed(eq.target))] = value
+        else:
+            outputs.append(value)
+    ns = tuple(new_states[s] for s in ir.states)
+    terms = tuple(matvecs.values())
+
+    jac = sp.Matrix(len(states), len(states), lambda i, j: total_derivative(ns[i], states[j], terms))
+    pattern = tuple(tuple(not is_zero(jac[i, j]) for j in range(len(states)))
+                    for i in range(len(states)))
+    acts_on_state = any(
+        not is_zero(sp.diff(t.operand, s)) and any(not is_zero(sp.diff(f, t.u)) for f in ns)
+        for t in terms for s in states
+    )
+    if acts_on_state:
+        structure = "dense"
+    else:
+        size = _largest_component(pattern)
+        structure = "diagonal" if size == 1 else f"block({size})"
+    return Analysis(ir, states, inputs, params, matrices, terms, ns, tuple(outputs), jac,
+                    pattern, structure)
+
+
+def total_derivative(expr: sp.Expr, var: sp.Symbol, terms: tuple[MatVecTerm, ...]) -> sp.Expr:
+    """∂expr/∂var at one channel, including the path through each u_m = M @ E_m (whose
+    same-channel coefficient is mdiag_m)."""
+    result = sp.diff(expr, var)
+    for t in terms:
+        d_operand = sp.diff(t.operand, var)
+        if d_operand != 0:
+            result += sp.diff(expr, t.u) * t.mdiag * d_operand
+    return result
+
+
+def is_zero(expr: sp.Expr) -> bool:
+    """True only when SymPy proves `expr` is identically zero (unproven counts as nonzero).
+
+    Evaluating at random points first is only a shortcut: a nonzero value disproves zero
+    cheaply; zero everywhere tried still needs SymPy's simplification to count as proven.
+    """
+    if expr == 0 or expr.is_zero is True:
+        return True
+    if _nonzero_somewhere(expr):
+        return False
+    try:
+        return sp.simplify(expr) == 0
+    except Exception:  # noqa: BLE001 - a failed proof is simply "not proven zero"
+        return False
+
+
+def _nonzero_somewhere(expr: sp.Expr, trials: int = 4) -> bool:
+    symbols = sorted(expr.free_symbols, key=sp.default_sort_key)
+    fn = sp.lambdify(symbols, expr, modules=[NUMERIC_FUNCTIONS, "math"])
+    rng = random.Random(0)
+    for trial in range(trials):
+        low = 0.2 if trial % 2 == 0 else -1.3  # positive points keep log/sqrt in domain
+        point = [rng.uniform(low, 1.3) for _ in symbols]
+        try:
+            value = complex(fn(*point))
+        except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+            continue
+        if math.isfinite(abs(value)) and abs(value) > 1e-9:
+            return True
+    return False
+
+
+NUMERIC_FUNCTIONS = {
+    "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)),
+    "softplus": lambda x: math.log1p(math.exp(x)),
+    "relu": lambda x: max(x, 0.0),
+    "step": lambda x: 1.0 if x > 0 else 0.0,
+    "sign": lambda x: (x > 0) - (x < 0),
+    "abs": lambda x: x if x >= 0 else -x,
+    "min": lambda a, b: a if a <= b else b,
+    "max": lambda a, b: a if a >= b else b,
+    "ties": lambda a, b: 1.0 if a == b else 0.0,
+    "log1p": math.log1p,
+    "MatVec": lambda m, v: v,
+}
+
+
+def _largest_component(pattern: tuple[tuple[bool, ...], ...]) -> int:
+    k = len(pattern)
+    parent = list(range(k))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(k):
+        for j in range(k):
+            if pattern[i][j]:
+                parent[find(i)] = find(j)
+    sizes: dict[int, int] = {}
+    for i in range(k):
+        sizes[find(i)] = sizes.get(find(i), 0) + 1
+    return max(sizes.values())
