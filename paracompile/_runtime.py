@@ -1,0 +1,364 @@
+"""The run-time side of a compiled cell: argument checking, torch custom ops around the
+generated kernels, autograd, and the `CompiledCell` object of SPEC §4.
+
+Imports neither SymPy, Lark nor Jinja: modules written by `paracompile build` use only this.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _reference
+
+METHODS = ("auto", "sequential", "newton")
+BACKENDS = ("auto", "cpu", "cuda", "torch")
+COMPUTE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEFAULT_ITERATIONS = {"float32": 3, "float64": 5}
+DEFAULT_TIME_CHUNK = 128
+
+# (target, dtype) -> generated module; supplied by the driver (render + cache) or a built file
+ModuleProvider = Callable[[str, str], ModuleType]
+
+
+def default_tol(dtype: str) -> float:
+    """Relative residual tolerance of Newton: |h_t - f(h_{t-1})| <= tol * (1 + |h_t|)."""
+    return 16.0 * float(np.finfo(dtype).eps)
+
+
+def simulator_enabled() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+@dataclass
+class NewtonStats:
+    """Counters of what the Newton solver did (updated by every forward call)."""
+
+    calls: int = 0
+    iterations: int = 0  # summed over calls
+    fallback_sequences: int = 0  # sequences recomputed sequentially because Newton stalled
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+class CompiledCell:
+    """A compiled recurrent cell (SPEC §4). Create with `paracompile.load`.
+
+    Attributes: ``name``, ``states``, ``inputs``, ``params`` (name -> "vector" | "scalar" |
+    "matrix"), ``outputs``, ``structure`` ("diagonal", "block(K)" or "dense").
+    """
+
+    def __init__(self, meta: Mapping[str, Any], modules: ModuleProvider,
+                 torch_step: Callable[..., Any]) -> None:
+        self.meta = dict(meta)
+        self.name: str = meta["name"]
+        self.states: tuple[str, ...] = tuple(meta["states"])
+        self.inputs: tuple[str, ...] = tuple(meta["inputs"])
+        self.params: dict[str, str] = dict(meta["params"])
+        self.outputs: tuple[str, ...] = tuple(meta["outputs"])
+        self.structure: str = meta["structure"]
+        self.inits: dict[str, tuple[str, tuple[float, ...]] | None] = dict(meta.get("inits", {}))
+        self.key: str = meta["key"]
+        self.stats = NewtonStats()
+        self._modules = modules
+        self._torch_step = torch_step
+        self._forward_op, self._backward_op = _ops_for(self)
+
+    def __repr__(self) -> str:
+        return (f"<CompiledCell {self.name}: states={self.states}, inputs={self.inputs}, "
+                f"params={self.params}, structure={self.structure!r}>")
+
+    @property
+    def dense(self) -> bool:
+        return self.structure == "dense"
+
+    # -- the public entry point ----------------------------------------------------------------
+    def apply(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        h0: Mapping[str, torch.Tensor] | None = None,
+        method: str = "auto",
+        backend: str = "auto",
+        *,
+        iterations: int | None = None,
+        tol: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run the recurrence over whole sequences.
+
+        Args:
+            inputs: input name -> (B, T, D) tensor.
+            params: param name -> (D,) vector, () scalar or (D, D) matrix.
+            h0: optional state name -> (B, D) initial state (missing states start at zero).
+            method: "sequential", "newton" (parallel in time; the same answer), or "auto"
+                (sequential on the CPU, Newton on CUDA).
+            backend: "cpu", "cuda" (CUDA tensors, or numba's simulator on CPU tensors when
+                NUMBA_ENABLE_CUDASIM=1), "torch" (the pure-torch reference), or "auto".
+            iterations: Newton iterations before unconverged sequences fall back to the
+                sequential kernel (default 3 in float32, 5 in float64).
+            tol: Newton's relative residual tolerance (default 16 machine epsilons).
+
+        Returns:
+            state name -> (B, T, D) state after each step, and output name -> (B, T, D).
+        """
+        xs, ps, h0s, B, T, D = self._check(inputs, params, h0)
+        method, backend = self._choose(method, backend, xs[0])
+        in_dtype = xs[0].dtype
+        dtype = in_dtype if in_dtype in COMPUTE_DTYPES else torch.float32
+        xs = [x.to(dtype) for x in xs]
+        ps = [p.to(dtype) for p in ps]
+        h0s = [h.to(dtype) for h in h0s]
+        name = COMPUTE_DTYPES[dtype]
+        iterations = DEFAULT_ITERATIONS[name] if iterations is None else iterations
+        tol = default_tol(name) if tol is None else tol
+        if not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+        if not tol > 0:
+            raise ValueError(f"tol must be positive, got {tol!r}")
+        if T == 0:
+            empty = xs[0].new_empty(B, 0, D).to(in_dtype)
+            return {n: empty for n in self.states + self.outputs}
+        if backend == "torch":
+            if method == "newton":
+                states, outs, _ = _reference.newton(
+                    self._torch_step, tuple(h0s), tuple(xs), tuple(ps), dense=self.dense,
+                    iterations=iterations, tol=tol)
+            else:
+                states, outs = _reference.sequential(
+                    self._torch_step, tuple(h0s), tuple(xs), tuple(ps))
+            results = [*states, *outs]
+        else:
+            target = "cudasim" if backend == "cuda" and not xs[0].is_cuda else backend
+            results = self._forward_op(h0s, xs, ps, method, target, iterations, tol)
+        return {n: r.to(in_dtype) for n, r in zip(self.states + self.outputs, results,
+                                                   strict=True)}
+
+    # -- argument checking ---------------------------------------------------------------------
+    def _check(self, inputs: Any, params: Any, h0: Any):
+        if not self.inputs:
+            raise ValueError(f"cell {self.name} has no inputs, so apply() cannot tell the "
+                             "sequence length; declare an input")
+        _check_names("inputs", inputs, self.inputs, required=True)
+        _check_names("params", params, tuple(self.params), required=True)
+        if h0 is not None:
+            _check_names("h0", h0, self.states, required=False)
+        xs = [_tensor(f"inputs[{n!r}]", inputs[n]) for n in self.inputs]
+        first = self.inputs[0]
+        if xs[0].dim() != 3:
+            raise ValueError(f"inputs[{first!r}] must have shape (B, T, D), got "
+                             f"{tuple(xs[0].shape)}")
+        B, T, D = xs[0].shape
+        ref_dtype, ref_device = xs[0].dtype, xs[0].device
+        if ref_dtype not in ACCEPTED_DTYPES:
+            raise TypeError(f"inputs[{first!r}] has dtype {ref_dtype}; expected float32, "
+                            "float64, float16 or bfloat16")
+        if D == 0:
+            raise ValueError(f"inputs[{first!r}] has D = 0 channels")
+
+        def same(arg: str, t: torch.Tensor, shape: tuple[int, ...], shape_text: str) -> None:
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{arg} must have shape {shape_text} = {shape} (B={B}, T={T}, "
+                                 f"D={D} from inputs[{first!r}]), got {tuple(t.shape)}")
+            if t.dtype != ref_dtype:
+                raise TypeError(f"{arg} has dtype {t.dtype}, but inputs[{first!r}] has "
+                                f"{ref_dtype}; use one dtype for all tensors")
+            if t.device != ref_device:
+                raise ValueError(f"{arg} is on {t.device}, but inputs[{first!r}] is on "
+                                 f"{ref_device}; put all tensors on one device")
+
+        for n, x in zip(self.inputs[1:], xs[1:], strict=True):
+            same(f"inputs[{n!r}]", x, (B, T, D), "(B, T, D)")
+        ps = []
+        for n, kind in self.params.items():
+            p = _tensor(f"params[{n!r}]", params[n])
+            shape, text = {"vector": ((D,), "(D,)"), "scalar": ((), "()"),
+                           "matrix": ((D, D), "(D, D)")}[kind]
+            same(f"params[{n!r}] ({kind})", p, shape, text)
+            ps.append(p)
+        h0s = []
+        for n in self.states:
+            if h0 is not None and n in h0:
+                h = _tensor(f"h0[{n!r}]", h0[n])
+                same(f"h0[{n!r}]", h, (B, D), "(B, D)")
+            else:
+                h = xs[0].new_zeros(B, D)
+            h0s.append(h)
+        return xs, ps, h0s, B, T, D
+
+    def _choose(self, method: str, backend: str, x: torch.Tensor) -> tuple[str, str]:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = "cuda" if x.is_cuda else "cpu"
+        if backend == "cpu" and x.is_cuda:
+            raise ValueError("backend='cpu' needs CPU tensors; the inputs are on "
+                             f"{x.device} (use backend='cuda' or 'auto')")
+        if backend == "cuda" and not x.is_cuda and not simulator_enabled():
+            raise ValueError("backend='cuda' needs CUDA tensors, or CPU tensors with "
+                             "NUMBA_ENABLE_CUDASIM=1 set to run numba's CUDA simulator")
+        if backend == "cuda" and self.dense:
+            raise NotImplementedError(f"cell {self.name} is dense (it has a matrix parameter): "
+                                      "the CUDA backend does not support it yet; use "
+                                      "backend='cpu' or 'torch'")
+        if method == "auto":
+            method = "newton" if (backend == "cuda" and not self.dense) else "sequential"
+        return method, backend
+
+    # -- kernels behind the ops ----------------------------------------------------------------
+    def _module(self, target: str, dtype: torch.dtype) -> ModuleType:
+        return self._modules(target, COMPUTE_DTYPES[dtype])
+
+    def _run_forward(self, h0s, xs, ps, method, target, iterations, tol) -> list[torch.Tensor]:
+        B, T, D = xs[0].shape
+        dtype = xs[0].dtype
+        module = self._module(target, dtype)
+        outs = [xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
+        if target == "cpu":
+            vec, mats = _split_params(self.params, ps)
+            done, fallback = module.forward(
+                [_flat(h) for h in h0s], [_flat(x) for x in xs], vec, mats,
+                [_flat(o) for o in outs[: len(self.states)]],
+                [_flat(o) for o in outs[len(self.states):]],
+                B, T, D, method, iterations, tol, DEFAULT_TIME_CHUNK)
+        else:
+            from . import _cuda
+
+            states, outputs, info = _cuda.forward(
+                module, h0s, xs, ps, method=method, iterations=iterations, tol=tol)
+            outs = [*states, *outputs]
+            done, fallback = info["iterations"], info["fallback"]
+        if method == "newton":
+            self.stats.calls += 1
+            self.stats.iterations += done
+            self.stats.fallback_sequences += fallback
+            self.stats.last = {"iterations": done, "fallback_sequences": fallback}
+        return outs
+
+    def _run_backward(self, gs, gy, h0s, xs, ps, ss, target) -> list[torch.Tensor]:
+        B, T, D = xs[0].shape
+        module = self._module(target, xs[0].dtype)
+        if target == "cpu":
+            gh0 = [torch.empty_like(h) for h in h0s]
+            gx = [torch.empty_like(x) for x in xs]
+            vec, mats = _split_params(self.params, ps)
+            gpp = [np.empty(B * D, v.dtype) for v in vec]
+            gm = [np.zeros((B, D, D), m.dtype) for m in mats]
+            module.backward([_flat(g) for g in gs], [_flat(g) for g in gy],
+                            [_flat(h) for h in h0s], [_flat(x) for x in xs], vec, mats,
+                            [_flat(s) for s in ss], [_flat(g) for g in gh0],
+                            [_flat(g) for g in gx], gpp, gm, B, T, D)
+            gps, vi, mi = [], iter(gpp), iter(gm)
+            for kind in self.params.values():
+                if kind == "matrix":
+                    gps.append(torch.from_numpy(next(mi).sum(axis=0)))
+                else:
+                    partial = torch.from_numpy(next(vi).reshape(B, D))
+                    gps.append(partial.sum(0) if kind == "vector" else partial.sum())
+            return [*gh0, *gx, *gps]
+        from . import _cuda
+
+        gh0, gx, gps = _cuda.backward(module, gs, gy, h0s, xs, ps, ss)
+        return [*gh0, *gx, *gps]
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy flat numpy view of a contiguous CPU tensor."""
+    return t.detach().contiguous().reshape(-1).numpy()
+
+
+def _split_params(kinds: Mapping[str, str], ps: list[torch.Tensor]):
+    vec, mats = [], []
+    for kind, p in zip(kinds.values(), ps, strict=True):
+        if kind == "matrix":
+            mats.append(p.detach().contiguous().numpy())
+        else:
+            vec.append(_flat(p.reshape(-1)))
+    return vec, mats
+
+
+def _tensor(arg: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_names(arg: str, given: Any, expected: tuple[str, ...], required: bool) -> None:
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{arg} must be a dict of name -> tensor "
+                        f"({', '.join(expected) or 'none'}), got {type(given).__name__}")
+    unknown = [n for n in given if n not in expected]
+    if unknown:
+        raise ValueError(f"{arg}: unknown name(s) {', '.join(map(repr, unknown))}; expected "
+                         f"{', '.join(expected) or 'none'}")
+    missing = [n for n in expected if n not in given]
+    if required and missing:
+        raise ValueError(f"{arg}: missing {', '.join(map(repr, missing))} (expected "
+                         f"{', '.join(expected)})")
+
+
+# -- torch custom ops ------------------------------------------------------------------------
+
+_OPS: dict[str, tuple[Any, Any]] = {}
+_CELLS: dict[str, CompiledCell] = {}
+
+
+def _ops_for(cell: CompiledCell):
+    """The (forward, backward) custom ops of a cell, registered once per process per key."""
+    _CELLS[cell.key] = cell  # the newest object with this key serves the ops
+    if cell.key in _OPS:
+        return _OPS[cell.key]
+    n_states, n_in, n_par = len(cell.states), len(cell.inputs), len(cell.params)
+    key = cell.key
+    base = f"paracompile::{_identifier(cell.name)}_{key[:16]}"
+
+    @torch.library.custom_op(base + "_forward", mutates_args=())
+    def forward(h0: list[torch.Tensor], xs: list[torch.Tensor], ps: list[torch.Tensor],
+                method: str, target: str, iterations: int, tol: float) -> list[torch.Tensor]:
+        return _CELLS[key]._run_forward(h0, xs, ps, method, target, iterations, tol)
+
+    @forward.register_fake
+    def _(h0, xs, ps, method, target, iterations, tol):
+        return [xs[0].new_empty(xs[0].shape) for _ in range(n_states + len(cell.outputs))]
+
+    @torch.library.custom_op(base + "_backward", mutates_args=())
+    def backward(gs: list[torch.Tensor], gy: list[torch.Tensor], h0: list[torch.Tensor],
+                 xs: list[torch.Tensor], ps: list[torch.Tensor], ss: list[torch.Tensor],
+                 target: str) -> list[torch.Tensor]:
+        return _CELLS[key]._run_backward(gs, gy, h0, xs, ps, ss, target)
+
+    @backward.register_fake
+    def _(gs, gy, h0, xs, ps, ss, target):
+        return ([h.new_empty(h.shape) for h in h0] + [x.new_empty(x.shape) for x in xs]
+                + [p.new_empty(p.shape) for p in ps])
+
+    def setup_context(ctx, inputs, output):
+        h0, xs, ps, method, target, iterations, tol = inputs
+        ctx.save_for_backward(*h0, *xs, *ps, *output[:n_states])
+        ctx.target = target
+
+    def grad(ctx, grads):
+        saved = list(ctx.saved_tensors)
+        h0 = saved[:n_states]
+        xs = saved[n_states:n_states + n_in]
+        ps = saved[n_states + n_in:n_states + n_in + n_par]
+        ss = saved[n_states + n_in + n_par:]
+        grads = [torch.zeros_like(ss[0]) if g is None else g.contiguous() for g in grads]
+        out = backward(grads[:n_states], grads[n_states:], h0, xs, ps, ss, ctx.target)
+        return (out[:n_states], out[n_states:n_states + n_in], out[n_states + n_in:],
+                None, None, None, None)
+
+    torch.library.register_autograd(base + "_forward", grad, setup_context=setup_context)
+    _OPS[key] = (forward, backward)
+    return _OPS[key]
+
+
+def _identifier(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
