@@ -14,9 +14,17 @@ from ._errors import CellError, CellWarning
 
 def _read(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as err:
         raise SystemExit(f"paracompile: error: cannot read {path}: {err.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = data[:err.start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        raise CellError(line, column, f"byte 0x{data[err.start]:02x} is not UTF-8 text; "
+                        "save the file as UTF-8", path) from None
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -56,6 +64,18 @@ def _kernels(structure: str) -> str:
             f"{structure} affine maps; fused adjoint backward")
 
 
+def _build(args: argparse.Namespace) -> int:
+    from ._driver import build
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"paracompile: error: -o {out_dir}: not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = build(args.file, out_dir)
+    print(f"wrote {target}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="paracompile",
@@ -65,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="parse and analyse a .cell file; print its structure")
     check.add_argument("file", help="the .cell file")
     check.set_defaults(run=_check)
+    build = sub.add_parser(
+        "build", help="write DIR/<snake_name>.py: the cell's ops as an importable module")
+    build.add_argument("file", help="the .cell file")
+    build.add_argument("-o", "--output", default=".", metavar="DIR",
+                       help="directory to write into (default: the current directory)")
+    build.set_defaults(run=_build)
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -250,6 +250,8 @@ def render(analysis: Analysis, target: Target, dtype: DType, meta: dict) -> str:
         "q": len(a.params),
         "o": len(a.outputs),
         "n_matvecs": len(a.matvecs),
+        "n_matrices": len(a.matrices),
+        "matvec_matrix": [a.matrices.index(t.matrix) for t in a.matvecs],
         "param_kinds": [p.kind for p in a.ir.params if p.kind != "matrix"],
         "jac_entries": [list(e) for e in a.jac_entries],
         "dtype": dtype,

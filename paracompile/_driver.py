@@ -15,11 +15,14 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from . import _cache
 from ._version import __version__
-from ._ir import CellIR
 from ._runtime import CompiledCell
+
+if TYPE_CHECKING:
+    from ._ir import CellIR
 
 # What each cache key covers: the analysis (metadata), and per target the code generator,
 # its templates and what the generated code imports.
@@ -82,6 +85,61 @@ def load_ir(ir: CellIR) -> CompiledCell:
                  ir)
 
 
+def _compile_meta(key: str, text: str, filename: str, ir: CellIR | None):
+    compiler = _Compiler(text, filename, ir)
+    meta_path = _cache.module_path(key, "meta").with_suffix(".json")
+    if meta_path.exists():
+        return compiler, json.loads(meta_path.read_text())
+    compiler.ir  # parse first: syntax errors before any other work  # noqa: B018
+    meta = metadata(compiler.analysis, key)
+    _cache.write_atomic(meta_path, json.dumps(meta, indent=1))
+    return compiler, meta
+
+
+def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write `out_dir/<snake_name>.py`: a module exposing the cell's `apply`, `structure`,
+    `Layer` and `step`, with every kernel's source inside (no SymPy, Lark or Jinja needed)."""
+    text, filename = read_source(path)
+    key = _cache.digest("cell-text", text, analysis_fingerprint())
+    compiler, meta = _compile_meta(key, text, filename, None)
+    targets = [("cpu", "float32"), ("cpu", "float64"), ("torch", "any")]
+    if meta["structure"] != "dense":
+        targets += [(t, d) for t in ("cuda", "cudasim") for d in ("float32", "float64")]
+    sources = {f"{t}/{d}": render_module(compiler.analysis, meta, t, d) for t, d in targets}
+    snake = compiler.ir.snake_name
+    lines = [
+        f'"""The {meta["name"]} cell (structure {meta["structure"]}), built by paracompile '
+        f'{__version__} from {Path(filename).name}.',
+        "",
+        "Do not edit: rebuild with `paracompile build`. Needs torch, numba and the paracompile",
+        "runtime (not SymPy, Lark or Jinja). Use it like `paracompile.load(...)`:",
+        f"    import {snake}",
+        f"    out = {snake}.apply(inputs, params, h0=None, method=\"auto\", backend=\"auto\")",
+        '"""',
+        "",
+        "from paracompile._runtime import cell_from_sources",
+        "",
+        f"META = {meta!r}",
+        "",
+        f"SOURCES = {sources!r}",
+        "",
+        "cell = cell_from_sources(META, SOURCES)",
+        "apply = cell.apply",
+        "step = cell.step",
+        "Layer = cell.Layer",
+        "name = cell.name",
+        "states = cell.states",
+        "inputs = cell.inputs",
+        "params = cell.params",
+        "outputs = cell.outputs",
+        "structure = cell.structure",
+        "",
+    ]
+    target = Path(out_dir) / f"{snake}.py"
+    _cache.write_atomic(target, "\n".join(lines))
+    return target
+
+
 class _Compiler:
     """Parses and analyses a cell only when something is missing from the cache."""
 
@@ -137,14 +195,7 @@ def render_module(analysis, meta: dict, target: str, dtype: str) -> str:
 
 
 def _load(key: str, text: str, filename: str, ir: CellIR | None) -> CompiledCell:
-    compiler = _Compiler(text, filename, ir)
-    meta_path = _cache.module_path(key, "meta").with_suffix(".json")
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-    else:
-        compiler.ir  # parse first: syntax errors before any other work  # noqa: B018
-        meta = metadata(compiler.analysis, key)
-        _cache.write_atomic(meta_path, json.dumps(meta, indent=1))
+    compiler, meta = _compile_meta(key, text, filename, ir)
     stem = meta["name"].lower()
 
     def module(target: str, dtype: str) -> ModuleType:

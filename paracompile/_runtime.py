@@ -6,6 +6,7 @@ Imports neither SymPy, Lark nor Jinja: modules written by `paracompile build` us
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,25 @@ class CompiledCell:
     @property
     def dense(self) -> bool:
         return self.structure == "dense"
+
+    @property
+    def Layer(self) -> type:  # noqa: N802 - a class, as in SPEC §4: cell.Layer(...)
+        """An `nn.Module` class running this cell (see `paracompile._layer.CellLayer`)."""
+        from ._layer import layer_class
+
+        return layer_class(self)
+
+    def step(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One step, for decoding: inputs (B, D) per name, state (B, D) per state name
+        (default zeros) -> (new state, outputs), each a dict of (B, D) tensors."""
+        from ._layer import single_step
+
+        return single_step(self, self._torch_step, inputs, params, state)
 
     # -- the public entry point ----------------------------------------------------------------
     def apply(
@@ -267,6 +287,26 @@ class CompiledCell:
 
         gh0, gx, gps = _cuda.backward(module, gs, gy, h0s, xs, ps, ss)
         return [*gh0, *gx, *gps]
+
+
+def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str]) -> CompiledCell:
+    """A cell from pre-rendered module sources ("target/dtype" -> text), as written by
+    `paracompile build`: each source is materialised in the cache (content-addressed) and
+    imported, so numba's cache works for built modules too."""
+    from . import _cache
+
+    def module(target: str, dtype: str) -> ModuleType:
+        source = sources.get(f"{target}/{dtype}")
+        if source is None:
+            raise NotImplementedError(f"cell {meta['name']} was built without {target} "
+                                      f"{dtype} kernels")
+        key = _cache.digest("built", source)
+        mod, _ = _cache.load_module(key, f"{meta['name'].lower()}_{target}_{dtype}",
+                                    lambda: source)
+        return mod
+
+    cached = functools.cache(module)
+    return CompiledCell(meta, cached, cached("torch", "any").torch_step)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
