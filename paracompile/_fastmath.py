@@ -1,0 +1,289 @@
+"""Fast float32 elementary functions for generated numba CPU kernels.
+
+numba from PyPI has no SVML, so ``math.exp``/``math.tanh``/``math.log`` on float32 lower to
+scalar libm calls, and a loop containing a call does not vectorise. The functions here are
+branch-free straight-line float32 code (range reduction + polynomial, with special cases
+handled by selects), so LLVM inlines them into the caller's loop and vectorises it
+(``<16 x float>`` on AVX-512, ``<8 x float>`` on AVX2). float64 kernels use libm (``math.*``).
+
+Method: exp uses Cody-Waite reduction x = n ln2 + r (ln2 split in two), a degree-6 polynomial
+for e^r on |r| <= ln2/2, and scales by 2^n built from exponent bits in two halves (so that
+results in the subnormal range underflow gradually and overflow yields inf without integer
+overflow). log splits x = 2^e m with m in [sqrt(1/2), sqrt(2)) via the bits and evaluates
+log(1+f) = f - f^2/2 + f^3 P(f). Polynomial coefficients are the float32 minimax fits of
+Cephes (S. Moshier). Everything else is built from these two.
+
+Measured maximum errors (over all special and ordinary inputs, see ``MAX_ERROR``) are tested
+by ``tests/test_fastmath.py`` and documented in ``docs/fastmath.md``.
+
+Rules for callers:
+
+* Call them from ordinary ``@numba.njit`` code. Do NOT call them from a function compiled
+  with ``fastmath=True`` *and* ``inline="always"`` on these functions: they rely on IEEE
+  semantics (NaN compares, the round-to-integer trick ``(y + 1.5*2^23) - 1.5*2^23``) that
+  ``nnan``/``reassoc`` flags would fold away. They are plain (LLVM-inlined) functions so the
+  caller's fastmath flags never apply to their bodies.
+* Pass float32 and keep results float32: a Python float literal (``x + 1.0``) promotes to
+  float64 in numba and the loop then runs at half width.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+__all__ = [
+    "ERROR_KIND",
+    "MAX_ERROR",
+    "exp_f32",
+    "log_f32",
+    "log1p_f32",
+    "tanh_f32",
+    "sigmoid_f32",
+    "softplus_f32",
+    "logsigmoid_f32",
+]
+
+_f = np.float32
+_i = np.int32
+
+# -- bit reinterpretation ---------------------------------------------------------------
+# numba has no scalar float<->int bitcast (``.view`` exists for arrays only), and going
+# through a 1-element array would defeat vectorisation, so these are LLVM ``bitcast``s.
+
+
+@intrinsic
+def _as_int32(typingctx, x):  # type: ignore[no-untyped-def]
+    """float32 -> int32 with the same bits."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _as_float32(typingctx, x):  # type: ignore[no-untyped-def]
+    """Integer -> float32 reinterpreting its low 32 bits.
+
+    Accepts any integer type because numba widens int32 arithmetic to int64; the
+    ``trunc`` lets LLVM narrow the whole integer chain back to i32 vector lanes.
+    """
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif v.type.width < 32:
+            v = builder.sext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+# forceinline: LLVM `alwaysinline`, so the bodies are inlined into the caller's loop however
+# many calls it makes (LLVM's own inliner gives up on softplus-sized callees, and a call left
+# in a loop stops vectorisation). Unlike numba's IR-level inline="always", the body keeps
+# the flags below rather than taking the caller's.
+# error_model="numpy": float division without a zero check (the python model adds a branch
+# raising ZeroDivisionError, which blocks vectorisation).
+# fastmath=False explicitly: numba otherwise inherits the *caller's* fastmath when it
+# compiles a callee, and nnan/reassoc would fold away the NaN selects and rounding trick.
+_jit = numba.njit(
+    cache=True, error_model="numpy", fastmath=False, forceinline=True, nogil=True
+)
+
+# -- constants (all float32: a float64 literal would promote the whole expression) -------
+_ONE = _f(1.0)
+_TWO = _f(2.0)
+_HALF = _f(0.5)
+_ZERO = _f(0.0)
+_INF = _f(np.inf)
+_NAN = _f(np.nan)
+
+# exp: clamp keeps 2^n's exponent field in range; e^89 = inf, e^-110 = 0 in float32.
+_EXP_HI = _f(89.0)
+_EXP_LO = _f(-110.0)
+_LOG2E = _f(1.44269504088896341)
+_ROUND = _f(12582912.0)  # 1.5 * 2^23: y + _ROUND rounds y to an integer in the low bits
+_ROUND_BITS = 0x4B400000  # bits of _ROUND
+_LN2_HI = _f(0.693359375)  # exact in 9 bits, so n * _LN2_HI is exact for |n| < 2^15
+_LN2_LO = _f(-2.12194440e-4)
+_EP0 = _f(1.9875691500e-4)
+_EP1 = _f(1.3981999507e-3)
+_EP2 = _f(8.3334519073e-3)
+_EP3 = _f(4.1665795894e-2)
+_EP4 = _f(1.6666665459e-1)
+_EP5 = _f(5.0000001201e-1)
+
+# log
+_MIN_NORMAL = _f(1.17549435e-38)
+_TWO23 = _f(8388608.0)
+_SQRTH_BITS = 0x3F3504F3  # bits of sqrt(1/2): mantissa is rebased into [sqrt(1/2), sqrt(2))
+_LP0 = _f(7.0376836292e-2)
+_LP1 = _f(-1.1514610310e-1)
+_LP2 = _f(1.1676998740e-1)
+_LP3 = _f(-1.2420140846e-1)
+_LP4 = _f(1.4249322787e-1)
+_LP5 = _f(-1.6668057665e-1)
+_LP6 = _f(2.0000714765e-1)
+_LP7 = _f(-2.4999993993e-1)
+_LP8 = _f(3.3333331174e-1)
+
+# tanh: odd polynomial on |x| < 0.625, 1 - 2/(e^2|x| + 1) above; tanh(10) == 1 in float32.
+_TANH_SMALL = _f(0.625)
+_TANH_CLAMP = _f(10.0)
+_TP0 = _f(-5.70498872745e-3)
+_TP1 = _f(2.06390887954e-2)
+_TP2 = _f(-5.37397155531e-2)
+_TP3 = _f(1.33314422036e-1)
+_TP4 = _f(-3.33332819422e-1)
+
+
+@_jit
+def exp_f32(x: np.float32) -> np.float32:
+    """e^x. Overflow (x > 88.72) gives inf, underflow gives subnormals then 0, NaN -> NaN."""
+    # selects (not min/max) so NaN passes through: NaN compares false
+    x = _EXP_HI if x > _EXP_HI else x
+    x = _EXP_LO if x < _EXP_LO else x
+    t = x * _LOG2E + _ROUND
+    n = t - _ROUND  # round(x / ln2) without float->int conversion (poison on NaN)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    z = r * r
+    p = _EP0
+    p = p * r + _EP1
+    p = p * r + _EP2
+    p = p * r + _EP3
+    p = p * r + _EP4
+    p = p * r + _EP5
+    p = p * z + r + _ONE
+    k = _as_int32(t) - _ROUND_BITS  # the integer n, read from t's mantissa
+    # 2^n as two normal factors: n in [-159, 129] would not fit one exponent field
+    k1 = k >> 1
+    k2 = k - k1
+    s1 = _as_float32((k1 + 127) << 23)
+    s2 = _as_float32((k2 + 127) << 23)
+    return (p * s1) * s2
+
+
+@_jit
+def _log_reduced(x: np.float32) -> tuple[np.float32, np.float32]:
+    """(e, f) with x = 2^e (1 + f), 1 + f in [sqrt(1/2), sqrt(2)), for finite x > 0."""
+    sub = x < _MIN_NORMAL
+    xs = x * _TWO23 if sub else x  # normalise subnormals
+    bits = _as_int32(xs) + (0x3F800000 - _SQRTH_BITS)
+    e = (bits >> 23) - (150 if sub else 127)
+    m = _as_float32((bits & 0x007FFFFF) + _SQRTH_BITS)
+    return _f(e), m - _ONE  # m - 1 is exact (Sterbenz)
+
+
+@_jit
+def _log1p_poly(f: np.float32) -> np.float32:
+    """log(1 + f) - f for f in [sqrt(1/2) - 1, sqrt(2) - 1] (the f itself is added last)."""
+    z = f * f
+    y = _LP0
+    y = y * f + _LP1
+    y = y * f + _LP2
+    y = y * f + _LP3
+    y = y * f + _LP4
+    y = y * f + _LP5
+    y = y * f + _LP6
+    y = y * f + _LP7
+    y = y * f + _LP8
+    return y * f * z - _HALF * z
+
+
+@_jit
+def log_f32(x: np.float32) -> np.float32:
+    """Natural log. log(0) = -inf, log(x<0) = NaN, log(inf) = inf, NaN -> NaN."""
+    e, f = _log_reduced(x)
+    r = (f + (_log1p_poly(f) + e * _LN2_LO)) + e * _LN2_HI
+    r = _INF if x == _INF else r
+    r = -_INF if x == _ZERO else r
+    r = _NAN if x < _ZERO else r
+    return x if x != x else r
+
+
+@_jit
+def log1p_f32(x: np.float32) -> np.float32:
+    """log(1 + x), accurate for tiny x. log1p(-1) = -inf, x < -1 -> NaN, NaN -> NaN."""
+    u = x + _ONE
+    e, f = _log_reduced(u)
+    # 1 + x = u + c exactly; log(u + c) ~= log(u) + c/u recovers the bits lost in u
+    c = (x - (u - _ONE)) / u
+    r = (f + (_log1p_poly(f) + (e * _LN2_LO + c))) + e * _LN2_HI
+    r = x if u == _ONE else r  # |x| < 2^-24: log1p(x) = x to within x/2 relative
+    r = _INF if x == _INF else r
+    r = -_INF if x == -_ONE else r
+    r = _NAN if x < -_ONE else r
+    return x if x != x else r
+
+
+@_jit
+def tanh_f32(x: np.float32) -> np.float32:
+    """tanh(x); exactly +-1 for |x| >= 9.1, odd, NaN -> NaN."""
+    a = abs(x)
+    z = x * x
+    p = _TP0
+    p = p * z + _TP1
+    p = p * z + _TP2
+    p = p * z + _TP3
+    p = p * z + _TP4
+    small = p * z * a + a  # tanh(|x|); exact for tiny x
+    c = _TANH_CLAMP if a > _TANH_CLAMP else a  # NaN stays NaN; e^20 cannot overflow
+    big = _ONE - _TWO / (exp_f32(c + c) + _ONE)
+    r = small if a < _TANH_SMALL else big
+    # copysign(r, x) on the bits: odd symmetry, and tanh(-0.0) = -0.0
+    return _as_float32((_as_int32(r) & 0x7FFFFFFF) | (_as_int32(x) & -0x80000000))
+
+
+@_jit
+def sigmoid_f32(x: np.float32) -> np.float32:
+    """1 / (1 + e^-x) without overflow: exactly 0 at -inf (and below ~ -103.3), 1 above 17."""
+    e = exp_f32(-abs(x))  # in (0, 1]: never overflows
+    r = _ONE / (_ONE + e)
+    return r if x >= _ZERO else e * r  # e / (1 + e) for x < 0 keeps relative accuracy
+
+
+@_jit
+def softplus_f32(x: np.float32) -> np.float32:
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|); equals x for x > 17, NaN -> NaN."""
+    m = x if x > _ZERO else _ZERO
+    return m + log1p_f32(exp_f32(-abs(x)))
+
+
+@_jit
+def logsigmoid_f32(x: np.float32) -> np.float32:
+    """log(sigmoid(x)) = -softplus(-x); equals x for x < -17."""
+    return -softplus_f32(-x)
+
+
+# Maximum error over all float32 inputs swept in tests/test_fastmath.py (measured, then
+# rounded up): "rel" = |f - ref| / |ref| where the reference is a normal float32;
+# "abs" = |f - ref|. Exact reference: float64 numpy. Units: plain numbers (2^-24 ~ 6.0e-8
+# is half an ulp at 1). Filled from measurement; see docs/fastmath.md.
+MAX_ERROR: dict[str, float] = {
+    "exp_f32": 1e-6,
+    "log_f32": 1e-6,
+    "log1p_f32": 1e-6,
+    "tanh_f32": 1e-6,
+    "sigmoid_f32": 1e-6,
+    "softplus_f32": 1e-6,
+    "logsigmoid_f32": 1e-6,
+}
+ERROR_KIND: dict[str, str] = {
+    "exp_f32": "rel",
+    "log_f32": "rel",
+    "log1p_f32": "rel",
+    "tanh_f32": "abs",
+    "sigmoid_f32": "abs",
+    "softplus_f32": "rel",
+    "logsigmoid_f32": "rel",
+}
