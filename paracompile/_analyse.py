@@ -114,7 +114,8 @@ def analyse(ir: CellIR) -> Analysis:
     ns = tuple(new_states[s] for s in ir.states)
     terms = tuple(matvecs.values())
 
-    jac = sp.Matrix(len(states), len(states), lambda i, j: total_derivative(ns[i], states[j], terms))
+    jac = sp.Matrix(len(states), len(states),
+                    lambda i, j: total_derivative(ns[i], states[j], terms))
     pattern = tuple(tuple(not is_zero(jac[i, j]) for j in range(len(states)))
                     for i in range(len(states)))
     acts_on_state = any(
@@ -152,7 +153,11 @@ def is_zero(expr: sp.Expr) -> bool:
     if _nonzero_somewhere(expr):
         return False
     try:
-        return sp.simplify(expr) == 0
+        if sp.simplify(expr) == 0:
+            return True
+        # sigmoid(x) + sigmoid(-x) - 1 and the like: prove it in terms of exp
+        rewritten = expr.rewrite(sp.exp)
+        return rewritten != expr and sp.simplify(rewritten) == 0
     except Exception:  # noqa: BLE001 - a failed proof is simply "not proven zero"
         return False
 

@@ -84,8 +84,9 @@ class KernelPrinter(PythonCodePrinter):
             raise NotImplementedError(f"no kernel code for function {name!r}")
         return self._functions[name].format(*(self._print(a) for a in expr.args))
 
+    # SymPy's own printers for these names would bypass the table
     _print_tanh = _print_exp = _print_log = _print_log1p = _print_sin = _print_cos = (
-        _print_Function)
+        _print_sign) = _print_Function
 
     def _number(self, value: sp.Expr) -> str:
         return f"F({float(value)!r})"

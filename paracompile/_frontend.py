@@ -16,7 +16,8 @@ import sympy as sp
 
 from ._errors import CellError
 from ._ir import CellIR, Equation, MatVec, Param, Pos, symbol
-from ._parse import PARAM_KINDS
+from ._parse import KEYWORDS, PARAM_KINDS
+from .functions import KNOWN_FUNCTIONS
 
 
 class MatrixParam(sp.Symbol):
@@ -34,6 +35,9 @@ def _names(value: str | Iterable[str], what: str) -> tuple[str, ...]:
     for n in names:
         if not isinstance(n, str) or not n.isidentifier():
             raise TypeError(f"{what}: expected names (str), got {n!r}")
+        if n in KNOWN_FUNCTIONS or n in KEYWORDS:
+            raise ValueError(f"{what}: {n!r} is a built-in function or keyword of the cell "
+                             "language; choose another name")
     return names
 
 
@@ -53,9 +57,12 @@ def trace(
     followed by the declared outputs.
     """
     state_names = _names(states, "states")
+    if not state_names:
+        raise ValueError("states: a cell needs at least one state")
     input_names = _names(inputs, "inputs")
     kinds = dict(params) if isinstance(params, Mapping) else dict.fromkeys(
         _names(params, "params"), "vector")
+    _names(tuple(kinds), "params")
     output_names = _names(outputs, "outputs")
     for pname, kind in kinds.items():
         if kind not in PARAM_KINDS:
@@ -74,8 +81,23 @@ def trace(
     args = [symbol(s) for s in state_names] + [symbol(x) for x in input_names] + [
         MatrixParam(p) if kind == "matrix" else symbol(p) for p, kind in kinds.items()
     ]
-    result = fn(*args)
-    values = result if isinstance(result, tuple) else (result,)
+    arg_names = state_names + input_names + tuple(kinds)
+    allowed = {symbol(n) for n in arg_names}  # matrices appear as plain symbols inside MatVec
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        raise CellError(line, 1, f"{fn.__name__}{inspect.signature(fn)} must take the states, "
+                        f"inputs and params in this order: ({', '.join(arg_names)})",
+                        filename) from None
+    except ValueError:  # no signature (a builtin): just call it
+        pass
+    try:
+        result = fn(*args)
+    except TypeError as err:  # e.g. math.tanh on a symbol, or a matrix used wrongly
+        raise CellError(line, 1, f"{fn.__name__} cannot be traced with symbols: {err}; use "
+                        "the functions of paracompile.functions and write matrix products "
+                        "as 'W @ expr'", filename) from None
+    values = tuple(result) if isinstance(result, (tuple, list)) else (result,)
     expected = len(state_names) + len(output_names)
     if len(values) != expected:
         raise CellError(
@@ -93,7 +115,9 @@ def trace(
         strict=True,
     ):
         try:
-            expr = sp.sympify(value)
+            if isinstance(value, str):
+                raise TypeError(value)
+            expr = sp.sympify(value, strict=True)
         except (sp.SympifyError, TypeError):
             raise CellError(line, 1, f"the value returned for {target!r} is not an expression: "
                             f"{value!r}", filename) from None
@@ -102,6 +126,15 @@ def trace(
                 kinds.get(str(bad)) == "matrix" and not _only_in_matvec(expr, str(bad))):
                 raise CellError(line, 1, f"matrix {bad} cannot be used elementwise; only as "
                                 f"'{bad} @ expr'", filename)
+        for mv in expr.atoms(MatVec):
+            if mv.args[1].has(MatVec):
+                raise CellError(line, 1, f"nested matrix products ({mv.args[0]} @ (... @ ...)) "
+                                "are not supported yet", filename)
+        unknown = sorted(str(n) for n in expr.free_symbols - allowed)
+        if unknown:
+            raise CellError(line, 1, f"the value returned for {target!r} uses {', '.join(unknown)}"
+                            ", which is not one of the traced arguments; declare it as a state, "
+                            "input or param and use the argument", filename)
         equations.append(Equation(target, kind, expr, pos))  # type: ignore[arg-type]
     return CellIR(
         name=name or fn.__name__,

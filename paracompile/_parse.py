@@ -6,6 +6,7 @@ Every mistake becomes a `CellError` at the offending token; unused declarations 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import warnings
 from functools import cache
@@ -20,6 +21,7 @@ from ._ir import CellIR, Equation, Init, MatVec, Param, Pos, primed, symbol
 from .functions import KNOWN_FUNCTIONS
 
 PARAM_KINDS = ("vector", "scalar", "matrix")
+KEYWORDS = ("cell", "state", "input", "param", "const", "output")
 INIT_ARITY = {"uniform": 2, "normal": 2, "constant": 1}
 
 
@@ -149,6 +151,9 @@ class _Checker:
             )
         if name in KNOWN_FUNCTIONS:
             raise self.error(token, f"{name!r} is a built-in function; choose another name")
+        if name in KEYWORDS:
+            raise self.error(token, f"{name!r} is a keyword of the cell language; "
+                             "choose another name")
         self.kinds[name] = kind
         self.positions[name] = _pos(token)
         return name
@@ -198,10 +203,11 @@ class _Checker:
             raise self.error(dist_token, "normal(mean, std) needs std >= 0")
         return Init(dist, values)  # type: ignore[arg-type]
 
-    @staticmethod
-    def _number(tree: Tree) -> float:
+    def _number(self, tree: Tree) -> float:
         tokens = tree.children
         value = float(tokens[-1])
+        if not math.isfinite(value):
+            raise self.error(tokens[-1], f"number {tokens[-1]} is too large for a float")
         return -value if len(tokens) == 2 else value
 
     def _const_decl(self, stmt: Tree) -> None:
@@ -270,9 +276,7 @@ class _Checker:
         if rule == "matmul":
             left, _, right = kids
             if not (left.data == "name" and self.param_kind.get(str(left.children[0])) == "matrix"):
-                raise self.error(
-                    left, "the left side of '@' must be a matrix parameter (param W : matrix)"
-                )
+                raise self.error(left, self._matmul_left_message(left))
             matrix = str(left.children[0])
             self.used.add(matrix)
             operand = self._expr(right)
@@ -298,11 +302,32 @@ class _Checker:
         if rule == "pow":
             if not right.is_number:
                 raise self.error(
-                    kids[-1], "the exponent of '**' must be a number (or a const); "
-                    "write exp(y * log(x)) for a variable exponent"
+                    kids[-1], f"the exponent of '**' must be a number (or a const), not "
+                    f"{self._text(kids[-1])!r}; write exp(y * log(x)) for a variable exponent"
                 )
             return left**right
         raise self.error(node, f"unsupported expression {rule!r}")  # pragma: no cover
+
+    def _text(self, node: Tree | Token) -> str:
+        """The source text of a node (for messages)."""
+        if isinstance(node, Token):
+            return str(node)
+        if getattr(node.meta, "empty", True):  # pragma: no cover - positions always kept
+            return node.data
+        return " ".join(self.text[node.meta.start_pos:node.meta.end_pos].split())
+
+    def _matmul_left_message(self, left: Tree) -> str:
+        if left.data == "name":
+            name = str(left.children[0])
+            kind = self.kinds.get(name)
+            if kind == "param":
+                what = self._a(f"{self.param_kind[name]} param")
+            else:
+                what = "not declared" if kind is None else self._a(kind)
+            return (f"the left side of '@' must be a matrix parameter, but {name!r} is {what}; "
+                    f"declare it with 'param {name} : matrix'")
+        return (f"the left side of '@' must be a matrix parameter, not {self._text(left)!r}; "
+                "'@' binds like '*' from the left, so write e.g. 'a * (W @ h)' or '-(W @ h)'")
 
     def _name(self, token: Token) -> sp.Expr:
         name = str(token)
