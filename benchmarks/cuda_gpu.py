@@ -34,6 +34,38 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def bench_row(cell, B: int, T: int, D: int, repeats: int, loop_limit: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kw = {"device": "cuda", "generator": gen}
+    xs = {n: torch.randn(B, T, D, **kw).requires_grad_() for n in cell.inputs}
+    ps = {n: (0.5 * torch.rand(D, **kw)).requires_grad_()
+          for n in cell.params}
+    leaves = [*xs.values(), *ps.values()]
+
+    def fwd(method, backend):
+        def run():
+            with torch.no_grad():
+                cell.apply(xs, ps, method=method, backend=backend)
+        return run
+
+    def fwd_bwd(method, backend):
+        def run():
+            out = cell.apply(xs, ps, method=method, backend=backend)
+            torch.autograd.grad(sum(v.sum() for v in out.values()), leaves)
+        return run
+
+    row = {"cell": cell.name, "T": T,
+           "newton": median_ms(fwd("newton", "cuda"), repeats),
+           "sequential": median_ms(fwd("sequential", "cuda"), repeats),
+           "newton fwd+bwd": median_ms(fwd_bwd("newton", "cuda"), repeats),
+           "sequential fwd+bwd": median_ms(fwd_bwd("sequential", "cuda"),
+                                           repeats)}
+    if loop_limit >= T:
+        row["torch loop"] = median_ms(fwd("sequential", "torch"), 3)
+        row["torch loop fwd+bwd"] = median_ms(fwd_bwd("sequential", "torch"), 3)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["paragru", "paralstm"])
@@ -53,34 +85,7 @@ def main() -> None:
     for name in args.cells:
         cell = paracompile.load(ROOT / "cells" / f"{name}.cell")
         for T in args.T:
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            kw = {"device": "cuda", "generator": gen}
-            xs = {n: torch.randn(args.B, T, args.D, **kw).requires_grad_() for n in cell.inputs}
-            ps = {n: (0.5 * torch.rand(args.D, **kw)).requires_grad_()
-                  for n in cell.params}
-            leaves = [*xs.values(), *ps.values()]
-
-            def fwd(method, backend):
-                def run():
-                    with torch.no_grad():
-                        cell.apply(xs, ps, method=method, backend=backend)
-                return run
-
-            def fwd_bwd(method, backend):
-                def run():
-                    out = cell.apply(xs, ps, method=method, backend=backend)
-                    torch.autograd.grad(sum(v.sum() for v in out.values()), leaves)
-                return run
-
-            row = {"cell": cell.name, "T": T,
-                   "newton": median_ms(fwd("newton", "cuda"), args.repeats),
-                   "sequential": median_ms(fwd("sequential", "cuda"), args.repeats),
-                   "newton fwd+bwd": median_ms(fwd_bwd("newton", "cuda"), args.repeats),
-                   "sequential fwd+bwd": median_ms(fwd_bwd("sequential", "cuda"),
-                                                   args.repeats)}
-            if T <= args.loop_limit:
-                row["torch loop"] = median_ms(fwd("sequential", "torch"), 3)
-                row["torch loop fwd+bwd"] = median_ms(fwd_bwd("sequential", "torch"), 3)
+            row = bench_row(cell, args.B, T, args.D, args.repeats, args.loop_limit)
             print(row, cell.stats.last, flush=True)
             rows.append(row)
     columns = ["newton", "sequential", "torch loop", "newton fwd+bwd", "sequential fwd+bwd",

@@ -18,8 +18,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from . import _cache
-from ._version import __version__
 from ._runtime import CompiledCell
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._ir import CellIR

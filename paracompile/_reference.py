@@ -422,8 +422,8 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
     dense=False: J is taken block-diagonal over channels, k×k blocks (B, T, D, k, k), from k
     JVPs — the right choice for every cell without a matrix acting on a state. (On a cell that
     does mix channels this is a quasi-Newton iteration: still exact in the end, see below, but
-    slow; and its backward would be wrong: pass the proven structure, as the runtime does.) dense=True: the full (B, T, k·D, k·D) Jacobian from
-    k·D JVPs (small D only).
+    slow; and its backward would be wrong: pass the proven structure, as the runtime does.)
+    dense=True: the full (B, T, k·D, k·D) Jacobian from k·D JVPs (small D only).
 
     The guarantee: after ``iterations`` iterations (or earlier, once the residual is within
     tolerance) the relative max-norm residual ``max |r| / (1 + |h|)`` is checked against
