@@ -146,9 +146,8 @@ class CompiledCell:
             return {n: empty for n in self.states + self.outputs}
         if backend == "torch":
             if method == "newton":
-                states, outs, _ = _reference.newton(
-                    self._torch_step, tuple(h0s), tuple(xs), tuple(ps), dense=self.dense,
-                    iterations=iterations, tol=tol)
+                states, outs = _reference_newton(self._torch_step, h0s, xs, ps, self.dense,
+                                                 iterations, tol)
             else:
                 states, outs = _reference.sequential(
                     self._torch_step, tuple(h0s), tuple(xs), tuple(ps))
@@ -217,7 +216,8 @@ class CompiledCell:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
-            backend = "cuda" if x.is_cuda else "cpu"
+            # dense cells have no CUDA kernels yet: their reference loop runs on the GPU
+            backend = ("torch" if self.dense else "cuda") if x.is_cuda else "cpu"
         if backend == "cpu" and x.is_cuda:
             raise ValueError("backend='cpu' needs CPU tensors; the inputs are on "
                              f"{x.device} (use backend='cuda' or 'auto')")
@@ -307,6 +307,15 @@ def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str]) -> Co
 
     cached = functools.cache(module)
     return CompiledCell(meta, cached, cached("torch", "any").torch_step)
+
+
+@torch.compiler.disable
+def _reference_newton(step, h0s, xs, ps, dense, iterations, tol):
+    """The torch reference Newton (data-dependent iteration count): run eagerly under
+    torch.compile."""
+    states, outs, _ = _reference.newton(step, tuple(h0s), tuple(xs), tuple(ps), dense=dense,
+                                        iterations=iterations, tol=tol)
+    return states, outs
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
