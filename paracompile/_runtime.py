@@ -155,6 +155,8 @@ class CompiledCell:
         else:
             target = "cudasim" if backend == "cuda" and not xs[0].is_cuda else backend
             results = self._forward_op(h0s, xs, ps, method, target, iterations, tol)
+            if method == "newton" and not torch.compiler.is_compiling():
+                self._count(_LAST_NEWTON.pop(self.key, None))
         return {n: r.to(in_dtype) for n, r in zip(self.states + self.outputs, results,
                                                    strict=True)}
 
@@ -255,12 +257,16 @@ class CompiledCell:
                 module, h0s, xs, ps, method=method, iterations=iterations, tol=tol)
             outs = [*states, *outputs]
             done, fallback = info["iterations"], info["fallback"]
-        if method == "newton":
-            self.stats.calls += 1
-            self.stats.iterations += done
-            self.stats.fallback_sequences += fallback
-            self.stats.last = {"iterations": done, "fallback_sequences": fallback}
+        if method == "newton":  # counted by the calling object's apply (the op is shared)
+            _LAST_NEWTON[self.key] = {"iterations": done, "fallback_sequences": fallback}
         return outs
+
+    def _count(self, info: dict[str, int] | None) -> None:
+        if info is not None:
+            self.stats.calls += 1
+            self.stats.iterations += info["iterations"]
+            self.stats.fallback_sequences += info["fallback_sequences"]
+            self.stats.last = info
 
     def _run_backward(self, gs, gy, h0s, xs, ps, ss, target) -> list[torch.Tensor]:
         B, T, D = xs[0].shape
@@ -356,6 +362,7 @@ def _check_names(arg: str, given: Any, expected: tuple[str, ...], required: bool
 # -- torch custom ops ------------------------------------------------------------------------
 
 _OPS: dict[str, tuple[Any, Any]] = {}
+_LAST_NEWTON: dict[str, dict[str, int]] = {}  # key -> what the op's last Newton run did
 _CELLS: dict[str, CompiledCell] = {}
 
 
