@@ -70,8 +70,7 @@ def _warm(request):
 
 
 def fresh(name: str):
-    """A newly loaded shipped cell, for tests that read `cell.stats`: the ops of a cell report
-    to the most recently loaded object with its key (see test_stats_belong_to_their_cell)."""
+    """A newly loaded shipped cell, for tests that read `cell.stats` (they start at zero)."""
     return paracompile.load(CELLS_DIR / f"{name}.cell")
 
 

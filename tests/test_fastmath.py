@@ -60,12 +60,10 @@ RANGES = {
     "logsigmoid_f32": (-30.0, 110.0),
 }
 
-EDGE = np.array(
-    [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, FLT_MIN, -FLT_MIN, 1e-30, -1e-30, 1e-8, -1e-8,
-     0.5, -0.5, 1.0, -1.0, 2.0, -2.0, 88.72, 88.73, -87.33, -103.9, -104.0, 1e4, -1e4, 1e30,
-     -1e30, FLT_MAX, -FLT_MAX, np.inf, -np.inf, np.nan],
-    dtype=np.float32,
-)
+# magnitudes around every special point (thresholds, tiny, subnormal, huge, inf), both signs
+_MAGNITUDES = [0.0, 1e-45, 1e-40, FLT_MIN, 1e-30, 1e-8, 0.5, 1.0, 2.0, 8.0, 9.1, 17.0,
+               87.33, 88.72, 88.73, 103.9, 104.0, 1e4, 1e30, FLT_MAX, np.inf]  # fmt: skip
+EDGE = np.array([s * m for m in _MAGNITUDES for s in (1.0, -1.0)] + [np.nan], dtype=np.float32)
 
 
 def _sweep(name: str) -> np.ndarray:
@@ -190,6 +188,11 @@ SPECIAL = [
     ("softplus_f32", 1e30, 1e30),
     ("softplus_f32", FLT_MAX, FLT_MAX),
     ("softplus_f32", -200.0, 0.0),
+    ("tanh_f32", 9.02, 1.0),  # the documented saturation points
+    ("sigmoid_f32", 16.64, 1.0),
+    ("sigmoid_f32", -103.98, 0.0),
+    ("softplus_f32", 14.57, 14.57),
+    ("logsigmoid_f32", -14.57, -14.57),
     ("logsigmoid_f32", -INF, -INF),
     ("logsigmoid_f32", INF, 0.0),
     ("logsigmoid_f32", -20.0, -20.0),
