@@ -62,7 +62,7 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
             lambda: cell.apply(inputs, params, method="newton", backend="cpu"), repeats)
         row["torch loop"] = median_ms(
             lambda: cell.apply(inputs, params, method="sequential", backend="torch"), 3)
-        if T <= slow_limit:
+        if slow_limit >= T:
             row["torch newton (reference)"] = median_ms(
                 lambda: cell.apply(inputs, params, method="newton", backend="torch"), 3)
 
@@ -79,7 +79,7 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     row["fwd+bwd compiled sequential"] = median_ms(fwd_bwd("sequential", "cpu"), repeats)
     row["fwd+bwd compiled newton"] = median_ms(fwd_bwd("newton", "cpu"), repeats)
     row["fwd+bwd torch loop (autograd)"] = median_ms(fwd_bwd("sequential", "torch"), 3)
-    if T <= slow_limit:
+    if slow_limit >= T:
         row["fwd+bwd torch newton (reference)"] = median_ms(fwd_bwd("newton", "torch"), 3)
     return row
 
