@@ -44,6 +44,7 @@ def make_args(cell, B: int, T: int, D: int, grad: bool):
 
 def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> dict[str, float]:
     row: dict[str, float] = {}
+    slow_repeats = 3 if T <= 1024 else 1  # the torch baselines take seconds at long T
     inputs, params = make_args(cell, B, T, D, grad=False)
     k = len(cell.states)
     stacked = torch.stack(list(inputs.values()))
@@ -61,7 +62,8 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
         row["compiled newton"] = median_ms(
             lambda: cell.apply(inputs, params, method="newton", backend="cpu"), repeats)
         row["torch loop"] = median_ms(
-            lambda: cell.apply(inputs, params, method="sequential", backend="torch"), 3)
+            lambda: cell.apply(inputs, params, method="sequential", backend="torch"),
+            slow_repeats)
         if slow_limit >= T:
             row["torch newton (reference)"] = median_ms(
                 lambda: cell.apply(inputs, params, method="newton", backend="torch"), 3)
@@ -78,7 +80,8 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
 
     row["fwd+bwd compiled sequential"] = median_ms(fwd_bwd("sequential", "cpu"), repeats)
     row["fwd+bwd compiled newton"] = median_ms(fwd_bwd("newton", "cpu"), repeats)
-    row["fwd+bwd torch loop (autograd)"] = median_ms(fwd_bwd("sequential", "torch"), 3)
+    row["fwd+bwd torch loop (autograd)"] = median_ms(fwd_bwd("sequential", "torch"),
+                                                      slow_repeats)
     if slow_limit >= T:
         row["fwd+bwd torch newton (reference)"] = median_ms(fwd_bwd("newton", "torch"), 3)
     return row

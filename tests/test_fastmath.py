@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import platform
 import re
 from collections.abc import Callable
 
@@ -131,9 +133,9 @@ def test_accuracy(name: str) -> None:
             rel = err[normal] / np.abs(ref[normal])
             worst = int(np.argmax(rel))
             assert rel[worst] <= bound, (x[normal][worst], out[normal][worst], rel[worst])
-            # results in the subnormal range: a few subnormal spacings at most
+            # results in the subnormal range: within one subnormal spacing (measured: 0.75)
             sub = in_range & ~normal
-            assert (err[sub] <= 4 * SUB_ULP).all(), x[sub][err[sub] > 4 * SUB_ULP][:8]
+            assert (err[sub] <= SUB_ULP).all(), x[sub][err[sub] > SUB_ULP][:8]
         else:
             worst = int(np.argmax(np.where(in_range, err, 0.0)))
             assert err[worst] <= bound, (x[worst], out[worst], err[worst])
@@ -220,19 +222,50 @@ def test_sigmoid_softplus_never_nan_for_numbers() -> None:
         assert not np.isnan(_apply(name, x)).any(), name
 
 
+# LLVM "vectorises" a libm loop too, into `call @llvm.exp.v16f32` that is later split into
+# 16 scalar `expf` calls; so demand packed *arithmetic* and no libm call, not just vector types.
+_PACKED_IR = re.compile(r"= (fmul|fadd|fsub|fdiv)\b[^\n]*<(8|16) x float>")
+_LIBM_IR = re.compile(r"@(expf|logf|log1pf|tanhf|llvm\.(exp|exp2|log|log2|log10|tanh)\.)")
+_PACKED_ASM = re.compile(r"\bv(mul|add|sub|div|fn?m(add|sub)\w*)ps\s[^\n]*%[yz]mm")
+
+
+def _vectorisation_problems(dispatcher: numba.core.dispatcher.Dispatcher) -> list[str]:
+    sig = dispatcher.signatures[0]
+    llvm_ir = dispatcher.inspect_llvm(sig)
+    asm = dispatcher.inspect_asm(sig)
+    problems = []
+    if not _PACKED_IR.search(llvm_ir):
+        problems.append("no packed <8|16 x float> arithmetic in the LLVM IR")
+    if _LIBM_IR.search(llvm_ir):
+        problems.append("a libm call is left in the LLVM IR")
+    if "fpext" in llvm_ir or "x double>" in llvm_ir:
+        problems.append("float64 promotion in the LLVM IR")
+    if platform.machine().lower() in ("x86_64", "amd64") and not _PACKED_ASM.search(asm):
+        problems.append("no packed ymm/zmm float arithmetic in the assembly")
+    return problems
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_vectorises(name: str) -> None:
     """The loop `out[i] = f(x[i])` must compile to packed float SIMD, no libm call left."""
     loop = _loop(name)
     x = np.linspace(-3, 3, 64, dtype=np.float32)
     loop(x, np.empty_like(x))
-    sig = loop.signatures[0]
-    llvm_ir = loop.inspect_llvm(sig)
-    assert re.search(r"<(8|16) x float>", llvm_ir), "loop was not vectorised (LLVM IR)"
-    assert not re.search(r"call [^\n]*@(expf|logf|log1pf|tanhf|llvm\.(exp|log)\.f32)", llvm_ir)
-    assert "fpext" not in llvm_ir and "x double>" not in llvm_ir  # no float64 promotion
-    asm = loop.inspect_asm(sig)
-    assert re.search(r"\bv\w+ps\s[^\n]*%[yz]mm", asm), "no packed ymm/zmm float instructions"
+    assert _vectorisation_problems(loop) == []
+
+
+def test_vectorisation_check_rejects_libm() -> None:
+    """The check above is not vacuous: the same loop over math.exp fails it."""
+
+    @numba.njit
+    def loop(x, out):  # type: ignore[no-untyped-def]
+        for i in range(x.shape[0]):
+            out[i] = math.exp(x[i])
+
+    x = np.linspace(-3, 3, 64, dtype=np.float32)
+    loop(x, np.empty_like(x))
+    assert "a libm call is left in the LLVM IR" in _vectorisation_problems(loop)
+    assert "no packed <8|16 x float> arithmetic in the LLVM IR" in _vectorisation_problems(loop)
 
 
 def test_vectorises_in_fastmath_caller() -> None:
@@ -249,7 +282,7 @@ def test_vectorises_in_fastmath_caller() -> None:
     loop(x, out)
     assert np.isnan(out[0])
     assert out[1:].tolist() == [0.0, np.inf, 0.0, np.float32(np.log(2.0)), np.float32(1e30)]
-    assert re.search(r"<(8|16) x float>", loop.inspect_llvm(loop.signatures[0]))
+    assert _vectorisation_problems(loop) == []
 
 
 def test_several_calls_vectorise() -> None:
@@ -265,4 +298,4 @@ def test_several_calls_vectorise() -> None:
 
     a = np.linspace(-3, 3, 64, dtype=np.float32)
     step(a, a, a, np.empty_like(a))
-    assert re.search(r"<(8|16) x float>", step.inspect_llvm(step.signatures[0]))
+    assert _vectorisation_problems(step) == []
