@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+# torch's and numba's OpenMP workers must not spin against each other (see docs/benchmarks.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +61,9 @@ def main() -> None:
     B, T, D = args.B, args.T, args.D
     gen = torch.Generator().manual_seed(0)
     inputs = {n: torch.randn(B, T, D, generator=gen) for n in cell.inputs}
-    params = {n: 0.5 * torch.randn(() if k == "scalar" else (D, D) if k == "matrix" else (D,),
-                                   generator=gen) for n, k in cell.params.items()}
+    # the shipped cells' initialisation hints: uniform(-0.5, 0.5) recurrent weights
+    params = {n: torch.rand(() if k == "scalar" else (D, D) if k == "matrix" else (D,),
+                            generator=gen) - 0.5 for n, k in cell.params.items()}
 
     stage(3, total, "compiling kernels (numba; cached on disk after the first run)")
     start = time.perf_counter()
