@@ -21,6 +21,8 @@ from ._runtime import (
     METHODS,
     _check_names,
     _tensor,
+    consistency_check,
+    param_tensors,
 )
 
 if TYPE_CHECKING:
@@ -69,26 +71,10 @@ def single_step(
     if D == 0:
         raise ValueError(f"{ref_arg} has D = 0 channels")
 
-    def same(arg: str, t: Tensor, shape: tuple[int, ...], text: str) -> None:
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{arg} must have shape {text} = {shape} (B={B}, D={D} from "
-                             f"{ref_arg}), got {tuple(t.shape)}")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{arg} has dtype {t.dtype}, but {ref_arg} has {ref.dtype}; use "
-                            "one dtype for all tensors")
-        if t.device != ref.device:
-            raise ValueError(f"{arg} is on {t.device}, but {ref_arg} is on {ref.device}; put "
-                             "all tensors on one device")
-
+    same = consistency_check(ref_arg, ref, B=B, D=D)
     for n, x in zip(cell.inputs, xs, strict=True):
         same(f"inputs[{n!r}]", x, (B, D), "(B, D)")
-    ps = []
-    for n, kind in cell.params.items():
-        p = _tensor(f"params[{n!r}]", params[n])
-        shape, text = {"vector": ((D,), "(D,)"), "scalar": ((), "()"),
-                       "matrix": ((D, D), "(D, D)")}[kind]
-        same(f"params[{n!r}] ({kind})", p, shape, text)
-        ps.append(p)
+    ps = param_tensors(params, cell.params, D, same)
     ss = []
     for n in cell.states:
         if n in given:

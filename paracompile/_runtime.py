@@ -175,33 +175,16 @@ class CompiledCell:
             raise ValueError(f"inputs[{first!r}] must have shape (B, T, D), got "
                              f"{tuple(xs[0].shape)}")
         B, T, D = xs[0].shape
-        ref_dtype, ref_device = xs[0].dtype, xs[0].device
-        if ref_dtype not in ACCEPTED_DTYPES:
-            raise TypeError(f"inputs[{first!r}] has dtype {ref_dtype}; expected float32, "
+        if xs[0].dtype not in ACCEPTED_DTYPES:
+            raise TypeError(f"inputs[{first!r}] has dtype {xs[0].dtype}; expected float32, "
                             "float64, float16 or bfloat16")
         if D == 0:
             raise ValueError(f"inputs[{first!r}] has D = 0 channels")
 
-        def same(arg: str, t: torch.Tensor, shape: tuple[int, ...], shape_text: str) -> None:
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{arg} must have shape {shape_text} = {shape} (B={B}, T={T}, "
-                                 f"D={D} from inputs[{first!r}]), got {tuple(t.shape)}")
-            if t.dtype != ref_dtype:
-                raise TypeError(f"{arg} has dtype {t.dtype}, but inputs[{first!r}] has "
-                                f"{ref_dtype}; use one dtype for all tensors")
-            if t.device != ref_device:
-                raise ValueError(f"{arg} is on {t.device}, but inputs[{first!r}] is on "
-                                 f"{ref_device}; put all tensors on one device")
-
+        same = consistency_check(f"inputs[{first!r}]", xs[0], B=B, T=T, D=D)
         for n, x in zip(self.inputs[1:], xs[1:], strict=True):
             same(f"inputs[{n!r}]", x, (B, T, D), "(B, T, D)")
-        ps = []
-        for n, kind in self.params.items():
-            p = _tensor(f"params[{n!r}]", params[n])
-            shape, text = {"vector": ((D,), "(D,)"), "scalar": ((), "()"),
-                           "matrix": ((D, D), "(D, D)")}[kind]
-            same(f"params[{n!r}] ({kind})", p, shape, text)
-            ps.append(p)
+        ps = param_tensors(params, self.params, D, same)
         h0s = []
         for n in self.states:
             if h0 is not None and n in h0:
@@ -343,6 +326,43 @@ def _tensor(arg: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+Check = Callable[[str, torch.Tensor, tuple[int, ...], str], None]
+
+
+def consistency_check(ref_arg: str, ref: torch.Tensor, **dims: int) -> Check:
+    """`same(arg, t, shape, shape_text)`: t has `shape` and the dtype and device of `ref`.
+
+    `dims` (B=..., D=...) are formatted only for an error message: formatting symbolic sizes
+    eagerly would make torch.compile guard on their values."""
+
+    def same(arg: str, t: torch.Tensor, shape: tuple[int, ...], shape_text: str) -> None:
+        if tuple(t.shape) != shape:
+            sizes = ", ".join(f"{k}={v}" for k, v in dims.items())
+            raise ValueError(f"{arg} must have shape {shape_text} = {shape} ({sizes} from "
+                             f"{ref_arg}), got {tuple(t.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{arg} has dtype {t.dtype}, but {ref_arg} has {ref.dtype}; use "
+                            "one dtype for all tensors")
+        if t.device != ref.device:
+            raise ValueError(f"{arg} is on {t.device}, but {ref_arg} is on {ref.device}; put "
+                             "all tensors on one device")
+
+    return same
+
+
+def param_tensors(params: Mapping[str, Any], kinds: Mapping[str, str], D: int,
+                  same: Check) -> list[torch.Tensor]:
+    """The params in declaration order, each checked: (D,) vector, () scalar, (D, D) matrix."""
+    ps = []
+    for n, kind in kinds.items():
+        p = _tensor(f"params[{n!r}]", params[n])
+        shape, text = {"vector": ((D,), "(D,)"), "scalar": ((), "()"),
+                       "matrix": ((D, D), "(D, D)")}[kind]
+        same(f"params[{n!r}] ({kind})", p, shape, text)
+        ps.append(p)
+    return ps
 
 
 def _check_names(arg: str, given: Any, expected: tuple[str, ...], required: bool) -> None:
