@@ -49,5 +49,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
             torch.save(grads, os.path.join(out_dir, "ddp_grads.pt"))
+        # no rank may tear gloo down while the other still uses it: that races into a
+        # C++ std::terminate ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
