@@ -111,12 +111,13 @@ def _compile_meta(key: str, text: str, filename: str, ir: CellIR | None):
     meta = _read_meta(meta_path, key)
     if meta is not None:
         return compiler, meta
-    check_name(compiler.ir)  # parse first: syntax errors before any other work
+    check_name(compiler.ir)  # parses: syntax errors come before any other work
     meta = metadata(compiler.analysis, key)
     _cache.write_atomic(meta_path, json.dumps(meta, indent=1))
     return compiler, meta
 
 
+# what every reader of the metadata needs (a damaged file is missing some, or is not JSON)
 _META_FIELDS = {"name", "version", "key", "states", "inputs", "params", "inits", "outputs",
                 "structure", "jac_entries", "source"}
 
@@ -130,7 +131,7 @@ def _read_meta(path: Path, key: str) -> dict | None:
         return None
     except ValueError:  # truncated or garbled: not JSON, or not UTF-8
         meta = None
-    if isinstance(meta, dict) and meta.keys() == _META_FIELDS and meta["key"] == key:
+    if isinstance(meta, dict) and meta.keys() >= _META_FIELDS and meta["key"] == key:
         return meta
     _cache.discard(path, "the damaged cell metadata")
     return None

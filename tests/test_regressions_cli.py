@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -109,6 +111,23 @@ def test_built_module_escapes_the_file_name(tmp_path: Path, file: str) -> None:
     module = import_path(target, f"dense_c_{uuid.uuid4().hex}")
     assert f"from {file}." in module.__doc__
     assert module.name == "DenseC"
+
+
+def test_build_refusal_in_a_subprocess(tmp_path: Path) -> None:
+    """Exit status 1 and one line per problem on stderr; a cache warning is a line too."""
+    cell = write_cell(tmp_path, "DenseG")
+    (tmp_path / "dense_g.py").write_text("# mine\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run = subprocess.run([sys.executable, "-m", "paracompile", "build", str(cell), "-o",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PARACOMPILE_CACHE_DIR": str(blocker / "c")})
+    assert run.returncode == 1
+    assert run.stdout == ""
+    warning, error = run.stderr.splitlines()
+    assert warning.startswith(f"paracompile: warning: cannot use the compile cache {blocker}")
+    assert error.startswith(f"paracompile: error: {tmp_path / 'dense_g.py'} exists")
+    assert (tmp_path / "dense_g.py").read_text() == "# mine\n"
 
 
 # -- no tracebacks ---------------------------------------------------------------------------
