@@ -9,8 +9,12 @@ neither parses, analyses, renders nor (thanks to numba's cache) compiles anythin
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import keyword
 import os
+import re
+import sys
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -18,6 +22,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from . import _cache
+from ._errors import CellError
 from ._runtime import CompiledCell
 from ._version import __version__
 
@@ -59,14 +64,29 @@ def read_source(path_or_source: str | os.PathLike[str]) -> tuple[str, str]:
         and (path_or_source.endswith(".cell") or os.path.exists(path_or_source))
     ):
         path = Path(path_or_source)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory, not a .cell file")
         try:
-            return path.read_text(encoding="utf-8"), str(path)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"no such cell file: {path}") from None
+        return decode_cell(data, str(path)), str(path)
     if not isinstance(path_or_source, str):
         raise TypeError("paracompile.load expects a path or .cell source text, got "
                         f"{type(path_or_source).__name__}")
     return path_or_source, "<string>"
+
+
+def decode_cell(data: bytes, filename: str) -> str:
+    """The text of a `.cell` file; a CellError at the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = data[:err.start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        raise CellError(line, column, f"byte 0x{data[err.start]:02x} is not UTF-8 text; "
+                        "save the file as UTF-8", filename) from None
 
 
 def load(path_or_source: str | os.PathLike[str]) -> CompiledCell:
@@ -88,28 +108,96 @@ def load_ir(ir: CellIR) -> CompiledCell:
 def _compile_meta(key: str, text: str, filename: str, ir: CellIR | None):
     compiler = _Compiler(text, filename, ir)
     meta_path = _cache.module_path(key, "meta").with_suffix(".json")
-    if meta_path.exists():
-        return compiler, json.loads(meta_path.read_text())
-    compiler.ir  # parse first: syntax errors before any other work  # noqa: B018
+    meta = _read_meta(meta_path, key)
+    if meta is not None:
+        return compiler, meta
+    check_name(compiler.ir)  # parses: syntax errors come before any other work
     meta = metadata(compiler.analysis, key)
     _cache.write_atomic(meta_path, json.dumps(meta, indent=1))
     return compiler, meta
 
 
-def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+# what every reader of the metadata needs (a damaged file is missing some, or is not JSON)
+_META_FIELDS = {"name", "version", "key", "states", "inputs", "params", "inits", "outputs",
+                "structure", "jac_entries", "source"}
+
+
+def _read_meta(path: Path, key: str) -> dict | None:
+    """The cached metadata for `key`; None when it is missing, or damaged (then deleted,
+    with a CacheWarning)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # truncated or garbled: not JSON, or not UTF-8
+        meta = None
+    if isinstance(meta, dict) and meta.keys() >= _META_FIELDS and meta["key"] == key:
+        return meta
+    _cache.discard(path, "the damaged cell metadata")
+    return None
+
+
+# A cell's name is part of file names: its built module and its cache entries (with numba's
+# files, which add about 75 characters to it); most file systems allow 255 bytes.
+MAX_NAME_LENGTH = 100
+_NAME_AT = r"(?<![A-Za-z0-9_]){}(?![A-Za-z0-9_])"
+
+
+def check_name(ir: CellIR) -> None:
+    """A CellError, at the cell's name, for a name that cannot name its files and modules."""
+    module = ir.snake_name
+    if len(ir.name) > MAX_NAME_LENGTH:
+        problem = (f"the cell name is {len(ir.name)} characters long; at most "
+                   f"{MAX_NAME_LENGTH} fit in file names")
+    elif keyword.iskeyword(module):
+        problem = (f"cell {ir.name} would be built as the module {module!r}, a Python keyword "
+                   "that cannot be imported; choose another name")
+    else:
+        return
+    line, column = _name_position(ir)
+    raise CellError(line, column, problem, ir.filename)
+
+
+def _name_position(ir: CellIR) -> tuple[int, int]:
+    """(line, column) of the name in the cell statement (the first statement, so the first
+    occurrence of the name outside a comment)."""
+    lines = ir.source.splitlines()
+    for i, line in enumerate(lines, 1):
+        match = re.search(_NAME_AT.format(re.escape(ir.name)), line.split("#", 1)[0])
+        if match:
+            return i, match.start() + 1
+    pos = next(iter(ir.positions.values()), None)  # a traced cell: its function
+    return (pos.line, pos.column) if pos else (1, 1)
+
+
+def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+          force: bool = False) -> Path:
     """Write `out_dir/<snake_name>.py`: a module exposing the cell's `apply`, `structure`,
-    `Layer` and `step`, with every kernel's source inside (no SymPy, Lark or Jinja needed)."""
+    `Layer` and `step`, with every kernel's source inside (no SymPy, Lark or Jinja needed).
+
+    Without `force`, refuses (FileExistsError) to replace a file that is not an unedited
+    module built by paracompile, and (ShadowingError, a ValueError) to write a module whose
+    name would shadow a standard library or installed module."""
     text, filename = read_source(path)
     key = _cache.digest("cell-text", text, analysis_fingerprint())
     compiler, meta = _compile_meta(key, text, filename, None)
+    snake = compiler.ir.snake_name
+    target = Path(out_dir) / f"{snake}.py"
+    replace = force or _is_unedited_build(target)
+    if not force:
+        _check_not_shadowing(snake, target)
+        if target.exists() and not replace:
+            raise _exists(target)
     targets = [("cpu", "float32"), ("cpu", "float64"), ("torch", "any")]
     if meta["structure"] != "dense":
         targets += [(t, d) for t in ("cuda", "cudasim") for d in ("float32", "float64")]
     sources = {f"{t}/{d}": render_module(compiler.analysis, meta, t, d) for t, d in targets}
-    snake = compiler.ir.snake_name
+    # the file name goes into a docstring: escaped so that quotes, backslashes or newlines
+    # in it cannot end the string
+    source_name = repr(Path(filename).name)[1:-1].replace('"', '\\"')
     lines = [
         f'"""The {meta["name"]} cell (structure {meta["structure"]}), built by paracompile '
-        f'{__version__} from {Path(filename).name}.',
+        f'{__version__} from {source_name}.',
         "",
         "Do not edit: rebuild with `paracompile build`. Needs torch, numba and the paracompile",
         "runtime (not SymPy, Lark or Jinja). Use it like `paracompile.load(...)`:",
@@ -133,11 +221,52 @@ def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path
         "params = cell.params",
         "outputs = cell.outputs",
         "structure = cell.structure",
-        "",
     ]
-    target = Path(out_dir) / f"{snake}.py"
-    _cache.write_atomic(target, "\n".join(lines))
+    # the checksum line marks the file as paracompile's own, unedited: a rebuild may replace it
+    try:
+        _cache.write_atomic(target, _cache.with_checksum("\n".join(lines)), overwrite=replace)
+    except FileExistsError:  # created meanwhile, by someone else
+        raise _exists(target) from None
     return target
+
+
+def _exists(target: Path) -> FileExistsError:
+    return FileExistsError(f"{target} exists and is not an unedited module built by "
+                           "paracompile; remove it, or pass force=True (paracompile build "
+                           "--force) to overwrite it")
+
+
+def _is_unedited_build(path: Path) -> bool:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return _cache.checked_source(text) is not None
+
+
+class ShadowingError(ValueError):
+    """`build` refused a module name that would hide another module."""
+
+
+def _check_not_shadowing(module: str, target: Path) -> None:
+    """ShadowingError when `module` is also the name of a standard library module or of an
+    importable one that paracompile did not build: a built module named `json` would break
+    `import json` for every script run next to it."""
+    if module in sys.stdlib_module_names:
+        what = "a standard library module"
+    else:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        origin = spec and spec.origin
+        if spec is None or (origin and (Path(origin).resolve() == target.resolve()
+                                        or _is_unedited_build(Path(origin)))):
+            return  # nothing, this very file, or another build (of this cell, likely)
+        what = f"an importable module ({origin})" if origin else "an importable module"
+    raise ShadowingError(f"the cell's module name {module!r} is also the name of {what}: "
+                         f"writing {target} would shadow it. Rename the cell, or pass "
+                         "force=True (paracompile build --force)")
 
 
 class _Compiler:
