@@ -4,7 +4,7 @@ and the partial derivatives the backward pass needs.
 All expressions are per channel. A matrix product ``M @ E`` is replaced by a symbol ``u_m``
 (its value at this channel); ``mdiag_m`` stands for ``M[c, c]``, so the channel-diagonal
 block of the Jacobian of a dense cell is exact. Both are `sp.Dummy` symbols (printed ``_u0``,
-``_mdiag0``), distinct from any user symbol of the same name.
+``_mdiag0``), distinct from any user symbol of the same name and equal in equal cells.
 """
 
 from __future__ import annotations
@@ -102,10 +102,11 @@ def analyse(ir: CellIR) -> Analysis:
         for mv in sorted(expr.atoms(MatVec), key=sp.default_sort_key):
             if mv not in matvecs:
                 m = len(matvecs)
-                # Dummy symbols: never equal to a user's symbol of the same name (`_u0`)
+                # Dummy symbols: never equal to a user's symbol of the same name (`_u0`);
+                # a fixed index makes them equal across analyses of equal cells
                 matvecs[mv] = MatVecTerm(str(mv.args[0]), mv.args[1],
-                                         sp.Dummy(f"u{m}", real=True),
-                                         sp.Dummy(f"mdiag{m}", real=True))
+                                         sp.Dummy(f"u{m}", dummy_index=m, real=True),
+                                         sp.Dummy(f"mdiag{m}", dummy_index=m, real=True))
             expr = expr.xreplace({mv: matvecs[mv].u})
         return expr
 

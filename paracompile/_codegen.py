@@ -411,10 +411,8 @@ class TorchPrinter(PythonCodePrinter):
 
     def _arg(self, expr: sp.Expr) -> str:
         """A function argument, as a tensor (torch functions reject Python numbers)."""
-        text = self._print(expr)
-        if not expr.free_symbols and _literal(expr) is not None:
-            return f"_like.new_tensor({text})"
-        return text
+        literal = None if expr.free_symbols else _literal(expr)
+        return self._print(expr) if literal is None else f"_like.new_tensor({literal})"
 
     def _print_Function(self, expr: sp.Function) -> str:
         name = type(expr).__name__

@@ -22,11 +22,13 @@ import sys
 from collections.abc import Callable
 
 import pytest
+import sympy as sp
 import torch
 from conftest import max_rel_err
 
 import paracompile
 from paracompile._cli import main as cli_main
+from paracompile._codegen import KernelPrinter, TorchPrinter, known_functions
 from paracompile.functions import (
     greater,
     log,
@@ -70,7 +72,8 @@ def loop(step: Step, cell, xs, ps, h0) -> dict[str, torch.Tensor]:
     for t in range(next(iter(xs.values())).shape[1]):
         s, y = step(s, tuple(xs[n][:, t] for n in cell.inputs), p)
         hist.append(tuple(s) + tuple(y))
-    return {n: torch.stack(seq, 1) for n, seq in zip(cell.states + cell.outputs, zip(*hist),
+    columns = zip(*hist, strict=True)
+    return {n: torch.stack(seq, 1) for n, seq in zip(cell.states + cell.outputs, columns,
                                                       strict=True)}
 
 
@@ -326,6 +329,7 @@ def test_new_functions_structure() -> None:
 @pytest.mark.parametrize(("way", "method", "dtype"), [
     ("cpu", "sequential", torch.float64), ("cpu", "newton", torch.float64),
     ("cpu", "sequential", torch.float32), ("step", "sequential", torch.float64),
+    ("torch", "newton", torch.float64),
 ])
 def test_new_functions_match_the_torch_reference(way: str, method: str,
                                                  dtype: torch.dtype) -> None:
@@ -341,9 +345,9 @@ def test_new_functions_match_the_torch_reference(way: str, method: str,
     assert max_rel_err(v, r) <= tol and max_rel_err(gv, gr) <= tol
 
 
-def test_torch_reference_of_new_functions_matches_finite_differences() -> None:
-    """The reference itself: values by hand, gradients by central differences away from the
-    branch switches (so the derivative of the taken branch is what is checked)."""
+def test_torch_reference_of_new_functions_matches_a_hand_written_loop() -> None:
+    """The reference itself against plain torch, written with the "double where" (each
+    branch evaluated only on safe values), so its gradients are those of the taken branch."""
     cell = paracompile.cell(**NEW_FUNCTIONS_KW)(NewFunctions)
     xs, ps, h0 = make_data(cell)
 
@@ -363,6 +367,30 @@ def test_torch_reference_of_new_functions_matches_finite_differences() -> None:
 
     leaves = [*xs.values(), *ps.values(), *h0.values()]
     assert_close(run(cell, "torch", xs, ps, h0), loop(hand, cell, xs, ps, h0), leaves, 1e-12)
+
+
+@pytest.mark.parametrize(("target", "dtype"), [("cpu", "float32"), ("cpu", "float64"),
+                                               ("cuda", "float32")])
+def test_kernel_printer_prints_new_functions_from_its_table(target: str, dtype: str) -> None:
+    x, y, c = (sp.Symbol(n, real=True) for n in "xyc")
+    printer = KernelPrinter({x: "s_x", y: "x_y", c: "p_c"}, known_functions(target, dtype))
+    softplus = "softplus_f32" if (target, dtype) == ("cpu", "float32") else "softplus_"
+    expected_logsigmoid = ("logsigmoid_f32(s_x + x_y)" if softplus == "softplus_f32"
+                           else "(-softplus_(-(s_x + x_y)))")
+    assert printer.doprint(logsigmoid(x + y)) == expected_logsigmoid
+    assert printer.doprint(greater(x, y)) == "(ONE if s_x > x_y else ZERO)"
+    assert printer.doprint(ties(x, y)) == "(ONE if s_x == x_y else ZERO)"
+    assert printer.doprint(where(c, x, y)) == "(s_x if p_c != ZERO else x_y)"
+
+
+def test_torch_printer_prints_a_gated_select_and_tensor_arguments() -> None:
+    x, c = (sp.Symbol(n, real=True) for n in "xc")
+    printer = TorchPrinter({"x": "s_x", "c": "p_c"})
+    assert printer.doprint(where(c, log(x), 0)) == (
+        "torch.where(_c0, torch.log(_gate(_c0, s_x)), _like.new_tensor(0.0))")
+    assert printer.setup == ["_c0 = (p_c) != 0"]
+    assert printer.doprint(max_(x, 1)) == "_max(s_x, _like.new_tensor(1.0))"
+    assert printer.doprint(sp.sqrt(2) * sp.sqrt(x)) == "1.4142135623730951*torch.sqrt(s_x)"
 
 
 def _cudasim_errors() -> dict[str, tuple[float, float]]:
