@@ -3,7 +3,8 @@ and the partial derivatives the backward pass needs.
 
 All expressions are per channel. A matrix product ``M @ E`` is replaced by a symbol ``u_m``
 (its value at this channel); ``mdiag_m`` stands for ``M[c, c]``, so the channel-diagonal
-block of the Jacobian of a dense cell is exact.
+block of the Jacobian of a dense cell is exact. Both are `sp.Dummy` symbols (printed ``_u0``,
+``_mdiag0``), distinct from any user symbol of the same name and equal in equal cells.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from functools import cached_property
 
 import sympy as sp
 
-from ._ir import CellIR, MatVec, primed, symbol
+from ._errors import CellError
+from ._ir import CellIR, Equation, MatVec, primed, symbol
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,11 @@ class Analysis:
 
 
 def analyse(ir: CellIR) -> Analysis:
-    """Substitute intermediates, extract matrix products, differentiate, prove zeros."""
+    """Substitute intermediates, extract matrix products, differentiate, prove zeros.
+
+    Raises CellError for a matrix product whose operand depends on another matrix product
+    (the kernels compute every operand from the states before any product).
+    """
     states = tuple(symbol(s) for s in ir.states)
     inputs = tuple(symbol(x) for x in ir.inputs)
     params = tuple(symbol(p.name) for p in ir.params if p.kind != "matrix")
@@ -89,21 +95,25 @@ def analyse(ir: CellIR) -> Analysis:
     values: dict[sp.Symbol, sp.Expr] = {}
     matvecs: dict[sp.Expr, MatVecTerm] = {}
 
-    def resolve(expr: sp.Expr) -> sp.Expr:
-        expr = expr.xreplace(values)
+    def resolve(eq: Equation) -> sp.Expr:
+        for mv in sorted(eq.expr.atoms(MatVec), key=sp.default_sort_key):
+            _check_not_chained(ir, eq, mv, values, tuple(matvecs.values()))
+        expr = eq.expr.xreplace(values)
         for mv in sorted(expr.atoms(MatVec), key=sp.default_sort_key):
             if mv not in matvecs:
                 m = len(matvecs)
-                matvecs[mv] = MatVecTerm(
-                    str(mv.args[0]), mv.args[1], symbol(f"_u{m}"), symbol(f"_mdiag{m}")
-                )
+                # Dummy symbols: never equal to a user's symbol of the same name (`_u0`);
+                # a fixed index makes them equal across analyses of equal cells
+                matvecs[mv] = MatVecTerm(str(mv.args[0]), mv.args[1],
+                                         sp.Dummy(f"u{m}", dummy_index=m, real=True),
+                                         sp.Dummy(f"mdiag{m}", dummy_index=m, real=True))
             expr = expr.xreplace({mv: matvecs[mv].u})
         return expr
 
     new_states: dict[str, sp.Expr] = {}
     outputs: list[sp.Expr] = []
     for eq in ir.equations:
-        value = resolve(eq.expr)
+        value = resolve(eq)
         if eq.kind == "intermediate":
             values[symbol(eq.target)] = value
         elif eq.kind == "update":
@@ -129,6 +139,28 @@ def analyse(ir: CellIR) -> Analysis:
         structure = "diagonal" if size == 1 else f"block({size})"
     return Analysis(ir, states, inputs, params, matrices, terms, ns, tuple(outputs), jac,
                     pattern, structure)
+
+
+def _check_not_chained(ir: CellIR, eq: Equation, mv: MatVec, values: dict[sp.Symbol, sp.Expr],
+                       terms: tuple[MatVecTerm, ...]) -> None:
+    """CellError if the operand of `mv` (as written in `eq`) depends on a matrix product,
+    directly or through an intermediate or a primed state."""
+    matrix, operand = mv.args
+
+    def reject(inner: str, through: str) -> None:
+        raise CellError(eq.pos.line, eq.pos.column,
+                        f"the operand of {matrix} @ ... depends on the matrix product "
+                        f"{inner} @ ...{through}; chained matrix products are not supported yet",
+                        ir.filename)
+
+    for inner in sorted(operand.atoms(MatVec), key=sp.default_sort_key):
+        reject(str(inner.args[0]), "")
+    for name in sorted(operand.free_symbols, key=sp.default_sort_key):
+        value = values.get(name)
+        for t in terms:
+            if value is not None and value.has(t.u):
+                via = name.name if name.name.endswith("'") else repr(name.name)
+                reject(t.matrix, f" (through {via})")
 
 
 def total_derivative(expr: sp.Expr, var: sp.Symbol, terms: tuple[MatVecTerm, ...]) -> sp.Expr:
@@ -189,6 +221,9 @@ NUMERIC_FUNCTIONS = {
     "max": lambda a, b: a if a >= b else b,
     "ties": lambda a, b: 1.0 if a == b else 0.0,
     "log1p": math.log1p,
+    "logsigmoid": lambda x: -(max(-x, 0.0) + math.log1p(math.exp(-abs(x)))),
+    "where": lambda c, a, b: a if c != 0 else b,
+    "greater": lambda a, b: 1.0 if a > b else 0.0,
     "MatVec": lambda m, v: v,
 }
 

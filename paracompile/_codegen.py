@@ -5,6 +5,7 @@ kernel skeletons (Jinja, StrictUndefined) around them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -16,6 +17,8 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from ._analyse import Analysis
+from ._ir import primed
+from .functions import where
 
 CHANNEL_BLOCK = 64  # channels per CPU task: long enough to vectorise, short enough to balance
 
@@ -31,6 +34,8 @@ _COMMON_FUNCTIONS = {
     "min": "min({0}, {1})",
     "max": "max({0}, {1})",
     "ties": "(ONE if {0} == {1} else ZERO)",
+    "greater": "(ONE if {0} > {1} else ZERO)",
+    "where": "({1} if {0} != ZERO else {2})",  # a select: the untaken branch's NaN never leaks
     "sqrt": "math.sqrt({0})",
     "sin": "math.sin({0})",
     "cos": "math.cos({0})",
@@ -43,6 +48,7 @@ _CPU_FLOAT32_FUNCTIONS = {
     "tanh": "tanh_f32({0})",
     "sigmoid": "sigmoid_f32({0})",
     "softplus": "softplus_f32({0})",
+    "logsigmoid": "logsigmoid_f32({0})",
 }
 # float64 on the CPU, and CUDA (libdevice): the math library
 _LIBM_FUNCTIONS = {
@@ -52,6 +58,7 @@ _LIBM_FUNCTIONS = {
     "tanh": "math.tanh({0})",
     "sigmoid": "sigmoid_({0})",
     "softplus": "softplus_({0})",
+    "logsigmoid": "(-softplus_(-({0})))",
 }
 
 
@@ -134,6 +141,13 @@ class ScalarFunction:
 
 
 def _names(analysis: Analysis) -> dict[sp.Symbol, str]:
+    """The printed names of the user's symbols and the matrix-product symbols.
+
+    Disjoint by construction: user names get a one-letter prefix and "_" (s_, x_, p_); every
+    generated name is letters then digits (u0, md0 here; t0, ct0, cy0, gv0 for temporaries and
+    cotangents), and the module's own names (F, ONE, ZERO, math, np, sigmoid_, ...) are
+    neither. Generated symbols are `sp.Dummy`, never equal to a user's symbol of the same name.
+    """
     names: dict[sp.Symbol, str] = {}
     for s in analysis.states:
         names[s] = f"s_{s.name}"
@@ -147,13 +161,41 @@ def _names(analysis: Analysis) -> dict[sp.Symbol, str]:
     return names
 
 
+def _selects(expr: sp.Expr) -> sp.Expr:
+    """`expr` with each product ``where(c, 1, 0) * r`` written ``where(c, r, 0)`` (likewise
+    ``where(c, 0, 1)``, and powers of these).
+
+    The derivative of ``where(c, a, b)`` is ``where(c, 1, 0) * ∂a + where(c, 0, 1) * ∂b``;
+    ∂a may be NaN or inf where c is false (``where(x > 0, log(x), 0)`` at x = 0), and
+    0 * NaN is NaN. A select discards the untaken side.
+    """
+    if not expr.args:
+        return expr
+    args = [_selects(a) for a in expr.args]
+    if isinstance(expr, sp.Pow) and _is_selector(args[0]) and args[1].is_Integer and args[1] > 0:
+        return args[0]
+    if isinstance(expr, sp.Mul):
+        for i, factor in enumerate(args):
+            if _is_selector(factor):
+                c, a, b = factor.args
+                rest = sp.Mul(*args[:i], *args[i + 1:])
+                return where(c, _selects(a * rest), _selects(b * rest))
+    return expr.func(*args)
+
+
+def _is_selector(expr: sp.Expr) -> bool:
+    return isinstance(expr, where) and {expr.args[1], expr.args[2]} == {sp.Integer(0),
+                                                                         sp.Integer(1)}
+
+
 def _function(
     name: str, args: list[sp.Symbol], exprs: list[sp.Expr], names: dict[sp.Symbol, str],
     printer_functions: dict[str, str],
 ) -> ScalarFunction:
     """Print `exprs` as one function of `args`, computing each common subexpression once."""
-    temporaries = sp.numbered_symbols("t", real=True)
-    replacements, reduced = sp.cse(exprs, symbols=temporaries, order="none")
+    temporaries = sp.numbered_symbols("t", cls=sp.Dummy, real=True)
+    replacements, reduced = sp.cse([_selects(e) for e in exprs], symbols=temporaries,
+                                   order="none")
     local = dict(names)
     for sym, _ in replacements:
         local[sym] = sym.name
@@ -177,9 +219,8 @@ def scalar_functions(analysis: Analysis, target: Target, dtype: DType) -> list[S
     states, inputs, params = list(a.states), list(a.inputs), list(a.params)
     us = [t.u for t in a.matvecs]
     mds = [t.mdiag for t in a.matvecs]
-    # Dummy symbols: a cotangent must never be confused with a user name like `a_h`
-    cot = [sp.Dummy(f"ct_{s.name}", real=True) for s in states]
-    cot_y = [sp.Dummy(f"cty_{o}", real=True) for o in a.ir.outputs]
+    cot = [sp.Dummy(f"ct{i}", real=True) for i in range(len(states))]
+    cot_y = [sp.Dummy(f"cy{j}", real=True) for j in range(len(a.outputs))]
     names.update({c: c.name for c in cot + cot_y})
     new, outs = list(a.new_states), list(a.outputs)
     base = states + inputs + params
@@ -271,6 +312,40 @@ def render(analysis: Analysis, target: Target, dtype: DType, meta: dict) -> str:
 
 # -- the torch reference step ----------------------------------------------------------------
 
+# Names in the generated torch step are disjoint by construction: each of the user's names gets
+# a one-letter prefix and "_" (s_ states, x_ inputs, p_ params, i_ intermediates, n_ new
+# states, o_ outputs); no other name has "_" as its second character (torch, torch_step,
+# states, inputs, params, _like, _c0, ... and the helpers below).
+_TORCH_HELPERS = '''
+def _min(a, b):  # on ties the first argument, as the kernels' derivative of min
+    return torch.where(a <= b, a, b)
+
+
+def _max(a, b):
+    return torch.where(a >= b, a, b)
+
+
+def _greater(a, b):
+    return (a > b).to(a.dtype)
+
+
+def _ties(a, b):
+    return (a == b).to(a.dtype)
+
+
+def _gate(c, v):
+    # v, with its gradient kept only where c: the branch where() does not take may have NaN
+    # or inf derivatives there (sqrt, log out of their domain), and 0 * NaN would leak into v
+    return torch.where(c, v, v.detach())
+
+
+def _full(v, like):
+    # a result (a number, a () or (D,) tensor, or a (B, D) one) as a tensor shaped like `like`
+    if not isinstance(v, torch.Tensor):
+        return like.new_full(like.shape, v)
+    return v if v.shape == like.shape else v.expand(like.shape)
+'''
+
 _TORCH_FUNCTIONS = {
     "sigmoid": "torch.sigmoid({0})",
     "tanh": "torch.tanh({0})",
@@ -278,35 +353,100 @@ _TORCH_FUNCTIONS = {
     "log": "torch.log({0})",
     "log1p": "torch.log1p({0})",
     "softplus": "torch.nn.functional.softplus({0})",
+    "logsigmoid": "torch.nn.functional.logsigmoid({0})",
     "relu": "torch.relu({0})",
     "abs": "torch.abs({0})",
     "sqrt": "torch.sqrt({0})",
     "sin": "torch.sin({0})",
     "cos": "torch.cos({0})",
-    "min": "torch.minimum({0}, {1})",
-    "max": "torch.maximum({0}, {1})",
+    "min": "_min({0}, {1})",
+    "max": "_max({0}, {1})",
+    "greater": "_greater({0}, {1})",
+    "ties": "_ties({0}, {1})",
 }
 
 
+def _literal(expr: sp.Expr) -> str | None:
+    """A constant expression as a Python float literal; None if SymPy cannot evaluate it
+    (``sigmoid(1)``: torch computes it)."""
+    try:
+        value = float(expr)
+    except TypeError:
+        return None
+    if not math.isfinite(value):
+        return f'float("{value}")'
+    return repr(value) if value >= 0 else f"({value!r})"
+
+
 class TorchPrinter(PythonCodePrinter):
-    """Prints the cell's equations, as the user wrote them, as torch code (the reference)."""
+    """Prints the cell's equations, as the user wrote them, as torch code (the reference).
+
+    Every function receives tensors (a constant argument becomes a 0-d tensor of the step's
+    dtype), so a function of constants is a tensor too. ``where`` is a select whose branches
+    are gated (`_gate`): each branch's values pass gradient only where it is taken. The
+    conditions are computed by statements (`setup`) printed before the equation.
+    """
 
     def __init__(self, names: dict[str, str]) -> None:
         super().__init__({"fully_qualified_modules": True, "standard": "python3"})
         self._names = names
+        self._gates: list[str] = []  # conditions of the where() branches being printed
+        self._conditions = 0
+        self.setup: list[str] = []
+
+    def _print(self, expr, **kwargs) -> str:  # noqa: ANN001 - SymPy's signature
+        if isinstance(expr, sp.Expr) and not expr.is_Number and not expr.free_symbols:
+            literal = _literal(expr)  # sqrt(2), exp(1), pi: Python floats, not math.*
+            if literal is not None:
+                return literal
+        return super()._print(expr, **kwargs)
+
+    def _gated(self, text: str) -> str:
+        for condition in self._gates:
+            text = f"_gate({condition}, {text})"
+        return text
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
-        return self._names[expr.name]
+        return self._gated(self._names[expr.name])
+
+    def _arg(self, expr: sp.Expr) -> str:
+        """A function argument, as a tensor (torch functions reject Python numbers)."""
+        literal = None if expr.free_symbols else _literal(expr)
+        return self._print(expr) if literal is None else f"_like.new_tensor({literal})"
 
     def _print_Function(self, expr: sp.Function) -> str:
         name = type(expr).__name__
         if name == "MatVec":  # u[b, i] = sum_j M[i, j] v[b, j]
             matrix, operand = expr.args
-            return f"(({self._print(operand)}) @ {self._print(matrix)}.T)"
-        return _TORCH_FUNCTIONS[name].format(*(self._print(a) for a in expr.args))
+            # gate the product, not its operand: the operand's channels are mixed
+            gates, self._gates = self._gates, []
+            text = f"(({self._print(operand)}) @ {self._print(matrix)}.T)"
+            self._gates = gates
+            return self._gated(text)
+        if name == "where":
+            return self._print_where(expr)
+        if name not in _TORCH_FUNCTIONS:
+            raise NotImplementedError(f"no torch code for function {name!r}")
+        return _TORCH_FUNCTIONS[name].format(*(self._arg(a) for a in expr.args))
+
+    def _print_where(self, expr: sp.Function) -> str:
+        c, a, b = expr.args
+        condition = f"_c{self._conditions}"
+        self._conditions += 1
+        gates, self._gates = self._gates, []  # the comparison has no gradient to gate
+        self.setup.append(f"{condition} = ({self._arg(c)}) != 0")
+        self._gates = [*gates, condition]
+        taken = self._arg(a)
+        self._gates = [*gates, f"~{condition}"]
+        other = self._arg(b)
+        self._gates = gates
+        return f"torch.where({condition}, {taken}, {other})"
 
     _print_tanh = _print_exp = _print_log = _print_log1p = _print_sin = _print_cos = (
         _print_Function)
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        return self._hprint_Pow(expr, rational=rational, sqrt="torch.sqrt")
 
     def _print_Rational(self, expr: sp.Rational) -> str:
         return repr(float(expr))
@@ -315,10 +455,14 @@ class TorchPrinter(PythonCodePrinter):
 
 
 def torch_step_source(ir) -> str:
-    """`def torch_step(states, inputs, params) -> (new_states, outputs)` for the reference."""
-    names = {n: f"v_{n}" for n in (*ir.states, *ir.inputs, *(p.name for p in ir.params))}
-    names.update({eq.target: f"v_{eq.target}" for eq in ir.equations if eq.kind != "update"})
-    names.update({f"{s}'": f"v_{s}_new" for s in ir.states})
+    """`def torch_step(states, inputs, params) -> (new_states, outputs)` for the reference,
+    with the helpers it calls. Every result is a tensor shaped like the states."""
+    names = {s: f"s_{s}" for s in ir.states}
+    names.update({x: f"x_{x}" for x in ir.inputs})
+    names.update({p.name: f"p_{p.name}" for p in ir.params})
+    names.update({primed(s): f"n_{s}" for s in ir.states})
+    names.update({eq.target: ("i_" if eq.kind == "intermediate" else "o_") + eq.target
+                  for eq in ir.equations if eq.kind != "update"})
     printer = TorchPrinter(names)
     params = [p.name for p in ir.params]
     lines = [
@@ -326,11 +470,15 @@ def torch_step_source(ir) -> str:
         f"    ({''.join(names[s] + ', ' for s in ir.states)}) = states",
         f"    ({''.join(names[x] + ', ' for x in ir.inputs)}) = inputs",
         f"    ({''.join(names[p] + ', ' for p in params)}) = params",
+        "    _like = states[0]  # the dtype, device and shape of every result",
     ]
     for eq in ir.equations:
-        target = names[f"{eq.target}'"] if eq.kind == "update" else names[eq.target]
-        lines.append(f"    {target} = {printer.doprint(eq.expr)}")
-    new = "".join(names[f"{s}'"] + ", " for s in ir.states)
-    outs = "".join(names[y] + ", " for y in ir.outputs)
+        target = names[primed(eq.target)] if eq.kind == "update" else names[eq.target]
+        code = printer.doprint(eq.expr)
+        lines += [f"    {statement}" for statement in printer.setup]
+        printer.setup.clear()
+        lines.append(f"    {target} = {code}")
+    new = "".join(f"_full({names[primed(s)]}, _like), " for s in ir.states)
+    outs = "".join(f"_full({names[y]}, _like), " for y in ir.outputs)
     lines.append(f"    return ({new}), ({outs})")
-    return "\n".join(lines) + "\n"
+    return _TORCH_HELPERS.lstrip("\n") + "\n\n" + "\n".join(lines) + "\n"

@@ -113,6 +113,39 @@ class ties(sp.Function):  # noqa: N801
         return sp.Integer(0)
 
 
+class logsigmoid(sp.Function):  # noqa: N801
+    """log(sigmoid(x)) = -softplus(-x), computed stably; derivative sigmoid(-x)."""
+
+    nargs = 1
+    is_real = True
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sigmoid(-self.args[0])
+
+
+class where(sp.Function):  # noqa: N801
+    """a where c != 0, else b; the derivative is that of the taken branch."""
+
+    nargs = 3
+    is_real = True
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        c = self.args[0]
+        if argindex == 1:
+            return sp.Integer(0)
+        return where(c, 1, 0) if argindex == 2 else where(c, 0, 1)
+
+
+class greater(sp.Function):  # noqa: N801
+    """1 where a > b else 0 (the comparisons of the cell language)."""
+
+    nargs = 2
+    is_real = True
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.Integer(0)
+
+
 def silu(x: sp.Expr) -> sp.Expr:
     """x * sigmoid(x)."""
     return x * sigmoid(x)
