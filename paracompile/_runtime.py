@@ -30,6 +30,7 @@ DEFAULT_TIME_CHUNK = 128
 
 # (target, dtype) -> generated module; supplied by the driver (render + cache) or a built file
 ModuleProvider = Callable[[str, str], ModuleType]
+_MODULE_LOCK = threading.Lock()
 
 
 def default_tol(dtype: str) -> float:
@@ -224,7 +225,10 @@ class CompiledCell:
 
     # -- kernels behind the ops ----------------------------------------------------------------
     def _module(self, target: str, dtype: torch.dtype) -> ModuleType:
-        return self._modules(target, COMPUTE_DTYPES[dtype])
+        # one thread at a time: a module being imported is already in sys.modules, and
+        # another thread must not get it half-executed (concurrent first apply() calls)
+        with _MODULE_LOCK:
+            return self._modules(target, COMPUTE_DTYPES[dtype])
 
     def _run_forward(self, h0s, xs, ps, method, target, iterations, tol) -> list[torch.Tensor]:
         """The results, then an int64 tensor (Newton iterations, sequences that fell back)."""

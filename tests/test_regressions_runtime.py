@@ -211,13 +211,19 @@ def test_bad_argument_types(kw, arg):
             cell.apply(xs, ps, h0, method="newton", backend=backend, **kw)
 
 
-def test_stats_under_concurrent_apply():
+@pytest.mark.parametrize("warm", [False, True])
+def test_stats_under_concurrent_apply(warm):
     """Several threads apply two cell objects with the same key (and one object from two
     threads): each object counts exactly its own calls. iterations=0 makes every sequence
-    fall back, so each call's count is its batch size."""
+    fall back, so each call's count is its batch size. Cold: the threads' first calls also
+    import the kernels' module concurrently."""
     first = paracompile.load(CELLS_DIR / "paragru.cell")
     second = paracompile.load(CELLS_DIR / "paragru.cell")
     assert first.key == second.key
+    if warm:
+        xs, ps, h0 = make_case(first, 1, 6, 2)
+        first.apply(xs, ps, h0, method="newton", backend="cpu", iterations=0)
+        first.stats = type(first.stats)()
     calls = 60
     jobs = [(first, 1), (first, 2), (second, 3), (second, 4)]
     errors: list[BaseException] = []
@@ -231,10 +237,15 @@ def test_stats_under_concurrent_apply():
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=job) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: interleave the calls' Python steps
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert not errors, errors
     assert (first.stats.calls, second.stats.calls) == (2 * calls, 2 * calls)
     assert first.stats.fallback_sequences == calls * (1 + 2)
