@@ -148,12 +148,13 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
     h0s: k tensors (B, D); xs: m tensors (B, T, D); ps: q tensors (D,) or ().
     method: "newton" (fused parallel Newton, non-converged sequences rerun sequentially),
     "sequential" (one thread per (b, c)) or "auto" (sequential for T <= 32).
-    tol: bound on the scaled residual max |h_t - f(h_{t-1}, x_t)| / (1 + |f|) of the
-    returned iterate (default 1e-6 for float32, 1e-12 for float64).
+    tol: bound on the normwise relative residual of the returned iterate, per sequence
+    (b, c) and state: max_t |h_t - f(h_{t-1}, x_t)| <= tol * max_t |h_t| (default 1e-6 for
+    float32, 1e-12 for float64; see docs/numerics.md).
 
     Returns (states: k tensors (B, T, D), outputs: o tensors (B, T, D), info) where info has
     method, iterations (max over sequences of the Newton updates done), fallback (number of
-    sequences (b, c) rerun sequentially), residual (max scaled residual before fallback),
+    sequences (b, c) rerun sequentially), residual (max relative residual before fallback),
     threads, chunk.
     """
     _check(module, h0s, xs, ps)

@@ -21,8 +21,8 @@ Shapes used throughout: B batch, T time, D channels, k states.
   and an exact backward (the adjoint recurrence, solved by the same reduction reversed).
 * :func:`adjoint` — that backward as a plain function, with the signature of the ops'
   ``backward`` (for checking compiled backward kernels directly).
-* helpers: :func:`zeros_h0`, :func:`default_tol`, :func:`residual`, :func:`jacobians`,
-  :func:`affine_scan`.
+* helpers: :func:`zeros_h0`, :func:`default_tol`, :func:`scale_floor`, :func:`residual`,
+  :func:`jacobians`, :func:`affine_scan`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ __all__ = [
     "adjoint",
     "zeros_h0",
     "default_tol",
+    "scale_floor",
     "residual",
     "jacobians",
     "affine_scan",
@@ -162,10 +163,30 @@ def _from_vec(v: Tensor, k: int, dense: bool) -> Tensors:
     return tuple(v.chunk(k, dim=-1)) if dense else tuple(v.unbind(dim=-1))
 
 
+def scale_floor(dtype: torch.dtype) -> float:
+    """The smallest scale max_t |h_t| of the convergence test, ``tiny / eps`` (float32:
+    1e-31, float64: 1e-292): residuals below ``tol`` times it count as converged, so a channel
+    that stays at zero (or subnormal) converges."""
+    info = torch.finfo(dtype)
+    return info.tiny / info.eps
+
+
+def _seq_rel(H: Sequence[Tensor], F: Sequence[Tensor]) -> Tensor:
+    """Per sequence b, the largest normwise relative residual of any state and channel:
+    max_{i,d} max_t |h_t - f_t| / max_t |h_t| (scale clamped to [`scale_floor`, finfo.max],
+    so an overflowed state never counts as converged). (B,); NaN where a residual is NaN."""
+    h = torch.stack(tuple(H))  # (k, B, T, D)
+    r = (h - torch.stack(tuple(F))).abs().amax(dim=2)  # (k, B, D); amax keeps NaN
+    info = torch.finfo(h.dtype)
+    scale = h.abs().amax(dim=2).nan_to_num(nan=info.max).clamp(scale_floor(h.dtype), info.max)
+    ratio = (r / scale).transpose(0, 1)  # (B, k, D)
+    return ratio.reshape(ratio.shape[0], -1).amax(dim=1)
+
+
 def _max_rel(H: Sequence[Tensor], F: Sequence[Tensor]) -> float:
-    """max over everything of |h - f| / (1 + |h|); NaN if anything is NaN."""
-    errs = [((h - f).abs() / (1 + h.abs())).max() for h, f in zip(H, F, strict=True)]
-    return float(torch.stack(errs).max())
+    """The largest `_seq_rel` (0 when there is no sequence); NaN if any is NaN."""
+    ratio = _seq_rel(H, F)
+    return float(ratio.max()) if ratio.numel() else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +281,12 @@ def jacobians(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
 
 def residual(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
              params: Sequence[Tensor], states: Sequence[Tensor]) -> float:
-    """Relative max-norm residual of a trajectory: ``max |h_t - f(h_{t-1}, x_t)| / (1 + |h_t|)``
-    over all b, t, d and states (NaN if any value is NaN). ``states``: k × (B, T, D)."""
+    """Normwise relative residual of a trajectory, the quantity Newton's convergence test
+    bounds by ``tol``: the largest over sequences b, states i and channels d of
+
+        max_t |h_t - f(h_{t-1}, x_t)| / max(max_t |h_t|, scale_floor)
+
+    (NaN if any value is NaN; 0 for an empty batch). ``states``: k × (B, T, D)."""
     h0, inputs, params, B, T, D = _check(h0, inputs, params)
     states = _check_states(states, len(h0), B, T, D)
     if T == 0:
@@ -310,9 +335,10 @@ class NewtonInfo:
     iterations: Newton iterations performed (it stops early once the residual is within
     ``tol``; more than ``requested`` when the residual check asked for extra ones).
     converged: the final residual is within ``tol`` (always true after a fallback).
-    fell_back: Newton did not converge within ``max_iterations`` and the answer was
-    recomputed by the sequential loop.
-    residuals: the relative max-norm residual (see :func:`residual`) of the initial guess and
+    fell_back: Newton did not converge within ``max_iterations`` for some sequences, and
+    their answer was recomputed by the sequential loop; ``fallback_sequences`` counts them
+    (batch entries).
+    residuals: the normwise relative residual (see :func:`residual`) of the initial guess and
     after each iteration; ``residual`` is the last one.
     """
 
@@ -321,6 +347,7 @@ class NewtonInfo:
     iterations: int = 0
     converged: bool = False
     fell_back: bool = False
+    fallback_sequences: int = 0
     residuals: list[float] = field(default_factory=list)
 
     @property
@@ -355,9 +382,10 @@ def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, den
     H, _ = evaluate(zero_prev)
     prev = _previous(h0, H)
     F, Y = evaluate(prev)
+    ratio = _seq_rel(H, F)
     info.residuals.append(_max_rel(H, F))
     n = 0
-    while not info.residuals[-1] <= tol and n < max_iterations:  # `not <=`: NaN never passes
+    while not bool((ratio <= tol).all()) and n < max_iterations:  # NaN never passes `<=`
         J = _jac_flat(step, _flat(prev), xs, params, dense)
         J = J.reshape(B, T, *J.shape[1:])
         r = _to_vec([h - f for h, f in zip(H, F, strict=True)], dense)
@@ -366,14 +394,19 @@ def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, den
         n += 1
         prev = _previous(h0, H)
         F, Y = evaluate(prev)
+        ratio = _seq_rel(H, F)
         info.residuals.append(_max_rel(H, F))
     info.iterations = n
-    info.converged = info.residuals[-1] <= tol
-    if not info.converged:  # never silently differ from the sequential answer
-        H, Y = sequential(step, h0, inputs, params)
+    bad = (~(ratio <= tol)).nonzero().flatten()
+    if bad.numel():  # never silently differ from the sequential answer
+        Hs, Ys = sequential(step, tuple(h[bad] for h in h0), tuple(x[bad] for x in inputs),
+                            params)
+        H = tuple(h.index_copy(0, bad, hs) for h, hs in zip(H, Hs, strict=True))
+        Y = tuple(y.index_copy(0, bad, ys) for y, ys in zip(Y, Ys, strict=True))
         info.fell_back = True
-        info.converged = True
+        info.fallback_sequences = int(bad.numel())
         info.residuals.append(residual(step, h0, inputs, params, H))
+    info.converged = True
     return H, Y
 
 
@@ -425,12 +458,18 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
     slow; and its backward would be wrong: pass the proven structure, as the runtime does.)
     dense=True: the full (B, T, k·D, k·D) Jacobian from k·D JVPs (small D only).
 
-    The guarantee: after ``iterations`` iterations (or earlier, once the residual is within
-    tolerance) the relative max-norm residual ``max |r| / (1 + |h|)`` is checked against
-    ``tol`` (default :func:`default_tol` of the dtype); while it is not within it, iterate
-    again. Iteration n makes h_0..h_{n-1} exact, so T iterations suffice in exact arithmetic;
-    if ``max_iterations`` (default T + 2) do not reach ``tol`` (round-off blown up by a
-    chaotic cell, overflow), the sequential loop recomputes the answer (``info.fell_back``).
+    The guarantee: a sequence b has converged when, for every state i and channel d,
+
+        max_t |h_t - f(h_{t-1}, x_t)| <= tol * max(max_t |h_t|, scale_floor)
+
+    (normwise relative per channel: a channel whose states are all tiny is held to the same
+    relative accuracy as a large one; ``tol`` defaults to :func:`default_tol` of the dtype).
+    Newton stops as soon as every sequence has converged; it keeps iterating past
+    ``iterations`` while some has not. Iteration n makes h_0..h_{n-1} exact, so T iterations
+    suffice in exact arithmetic; the sequences that ``max_iterations`` (default T + 2; the
+    runtime passes ``iterations``) do not bring within ``tol`` (round-off blown up by a
+    chaotic cell, overflow) are recomputed by the sequential loop (``info.fell_back``,
+    ``info.fallback_sequences``).
 
     Differentiable w.r.t. h0, inputs and params with the exact gradients of the sequential
     recurrence (the backward is :func:`adjoint` at the solved states; no autograd through the
@@ -448,7 +487,7 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
         max_iterations = T + 2
     max_iterations = max(max_iterations, iterations)
     info = NewtonInfo(requested=iterations, tol=tol)
-    if T == 0:
+    if T == 0 or B == 0:
         states, outputs = sequential(step, h0, inputs, params)
         info.converged = True
         return states, outputs, info

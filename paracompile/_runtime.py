@@ -7,7 +7,10 @@ Imports neither SymPy, Lark nor Jinja: modules written by `paracompile build` us
 from __future__ import annotations
 
 import functools
+import numbers
 import os
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -27,10 +30,12 @@ DEFAULT_TIME_CHUNK = 128
 
 # (target, dtype) -> generated module; supplied by the driver (render + cache) or a built file
 ModuleProvider = Callable[[str, str], ModuleType]
+_MODULE_LOCK = threading.Lock()
 
 
 def default_tol(dtype: str) -> float:
-    """Relative residual tolerance of Newton: |h_t - f(h_{t-1})| <= tol * (1 + |h_t|)."""
+    """Newton's relative residual tolerance (16 eps): per sequence, channel and state,
+    max_t |h_t - f(h_{t-1})| <= tol * max_t |h_t| (see docs/numerics.md)."""
     return 16.0 * float(np.finfo(dtype).eps)
 
 
@@ -58,6 +63,7 @@ class CompiledCell:
     def __init__(self, meta: Mapping[str, Any], modules: ModuleProvider,
                  torch_step: Callable[..., Any]) -> None:
         self.meta = dict(meta)
+        self._stats_lock = threading.Lock()  # apply() may run in several threads at once
         self.name: str = meta["name"]
         self.states: tuple[str, ...] = tuple(meta["states"])
         self.inputs: tuple[str, ...] = tuple(meta["inputs"])
@@ -135,28 +141,28 @@ class CompiledCell:
         ps = [p.to(dtype) for p in ps]
         h0s = [h.to(dtype) for h in h0s]
         name = COMPUTE_DTYPES[dtype]
-        iterations = DEFAULT_ITERATIONS[name] if iterations is None else iterations
-        tol = default_tol(name) if tol is None else tol
-        if not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol!r}")
+        iterations = DEFAULT_ITERATIONS[name] if iterations is None else _iterations(iterations)
+        tol = default_tol(name) if tol is None else _tol(tol)
         if T == 0:
             empty = xs[0].new_empty(B, 0, D).to(in_dtype)
             return {n: empty for n in self.states + self.outputs}
         if backend == "torch":
             if method == "newton":
-                states, outs = _reference_newton(self._torch_step, h0s, xs, ps, self.dense,
-                                                 iterations, tol)
+                states, outs, counts = _reference_newton(self._torch_step, h0s, xs, ps,
+                                                         self.dense, iterations, tol)
+                self._count(*counts)
             else:
                 states, outs = _reference.sequential(
                     self._torch_step, tuple(h0s), tuple(xs), tuple(ps))
             results = [*states, *outs]
         else:
             target = "cudasim" if backend == "cuda" and not xs[0].is_cuda else backend
-            results = self._forward_op(h0s, xs, ps, method, target, iterations, tol)
+            *results, counts = self._forward_op(h0s, xs, ps, method, target, iterations, tol)
+            # the counters come back through the op (no side channel: apply may run in several
+            # threads); under torch.compile reading them would break the graph, so they are not
             if method == "newton" and not torch.compiler.is_compiling():
-                self._count(_LAST_NEWTON.pop(self.key, None))
+                done, fallback = counts.tolist()
+                self._count(done, fallback)
         return {n: r.to(in_dtype) for n, r in zip(self.states + self.outputs, results,
                                                    strict=True)}
 
@@ -219,19 +225,26 @@ class CompiledCell:
 
     # -- kernels behind the ops ----------------------------------------------------------------
     def _module(self, target: str, dtype: torch.dtype) -> ModuleType:
-        return self._modules(target, COMPUTE_DTYPES[dtype])
+        # one thread at a time: a module being imported is already in sys.modules, and
+        # another thread must not get it half-executed (concurrent first apply() calls)
+        with _MODULE_LOCK:
+            return self._modules(target, COMPUTE_DTYPES[dtype])
 
     def _run_forward(self, h0s, xs, ps, method, target, iterations, tol) -> list[torch.Tensor]:
+        """The results, then an int64 tensor (Newton iterations, sequences that fell back)."""
         B, T, D = xs[0].shape
         dtype = xs[0].dtype
-        module = self._module(target, dtype)
         outs = [xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
+        if B == 0 or T == 0:
+            return [*outs, _counters(0, 0)]
+        module = self._module(target, dtype)
         if target == "cpu":
+            _check_fork_safe()
             vec, mats = _split_params(self.params, ps)
             done, fallback = module.forward(
                 [_flat(h) for h in h0s], [_flat(x) for x in xs], vec, mats,
-                [_flat(o) for o in outs[: len(self.states)]],
-                [_flat(o) for o in outs[len(self.states):]],
+                [_out(o) for o in outs[: len(self.states)]],
+                [_out(o) for o in outs[len(self.states):]],
                 B, T, D, method, iterations, tol, DEFAULT_TIME_CHUNK)
         else:
             from . import _cuda
@@ -240,30 +253,34 @@ class CompiledCell:
                 module, h0s, xs, ps, method=method, iterations=iterations, tol=tol)
             outs = [*states, *outputs]
             done, fallback = info["iterations"], info["fallback"]
-        if method == "newton":  # counted by the calling object's apply (the op is shared)
-            _LAST_NEWTON[self.key] = {"iterations": done, "fallback_sequences": fallback}
-        return outs
+        return [*outs, _counters(done, fallback)]
 
-    def _count(self, info: dict[str, int] | None) -> None:
-        if info is not None:
+    def _count(self, iterations: int, fallback: int) -> None:
+        with self._stats_lock:
             self.stats.calls += 1
-            self.stats.iterations += info["iterations"]
-            self.stats.fallback_sequences += info["fallback_sequences"]
-            self.stats.last = info
+            self.stats.iterations += iterations
+            self.stats.fallback_sequences += fallback
+            self.stats.last = {"iterations": iterations, "fallback_sequences": fallback}
 
     def _run_backward(self, gs, gy, h0s, xs, ps, ss, target) -> list[torch.Tensor]:
         B, T, D = xs[0].shape
+        if B == 0 or T == 0:
+            return ([h.new_zeros(h.shape) for h in h0s] + [x.new_zeros(x.shape) for x in xs]
+                    + [p.new_zeros(p.shape) for p in ps])
         module = self._module(target, xs[0].dtype)
         if target == "cpu":
-            gh0 = [torch.empty_like(h) for h in h0s]
-            gx = [torch.empty_like(x) for x in xs]
+            _check_fork_safe()
+            # fresh contiguous buffers: the kernels write through flat views of them (an
+            # input's layout, e.g. transposed, must not leak into its gradient's buffer)
+            gh0 = [h.new_empty(h.shape) for h in h0s]
+            gx = [x.new_empty(x.shape) for x in xs]
             vec, mats = _split_params(self.params, ps)
             gpp = [np.empty(B * D, v.dtype) for v in vec]
             gm = [np.zeros((B, D, D), m.dtype) for m in mats]
             module.backward([_flat(g) for g in gs], [_flat(g) for g in gy],
                             [_flat(h) for h in h0s], [_flat(x) for x in xs], vec, mats,
-                            [_flat(s) for s in ss], [_flat(g) for g in gh0],
-                            [_flat(g) for g in gx], gpp, gm, B, T, D)
+                            [_flat(s) for s in ss], [_out(g) for g in gh0],
+                            [_out(g) for g in gx], gpp, gm, B, T, D)
             gps, vi, mi = [], iter(gpp), iter(gm)
             for kind in self.params.values():
                 if kind == "matrix":
@@ -301,15 +318,88 @@ def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str]) -> Co
 @torch.compiler.disable
 def _reference_newton(step, h0s, xs, ps, dense, iterations, tol):
     """The torch reference Newton (data-dependent iteration count): run eagerly under
-    torch.compile."""
-    states, outs, _ = _reference.newton(step, tuple(h0s), tuple(xs), tuple(ps), dense=dense,
-                                        iterations=iterations, tol=tol)
-    return states, outs
+    torch.compile. Capped at `iterations`, like the compiled backends: unconverged sequences
+    are recomputed by the loop. Returns (states, outputs, (iterations, fallback sequences))."""
+    states, outs, info = _reference.newton(step, tuple(h0s), tuple(xs), tuple(ps), dense=dense,
+                                           iterations=iterations, tol=tol,
+                                           max_iterations=iterations)
+    return states, outs, (info.iterations, info.fallback_sequences)
+
+
+# -- fork safety ----------------------------------------------------------------------------
+# numba's "omp" threading layer on GNU OpenMP is not fork-safe: in a child forked after any
+# parallel kernel ran, the next parallel kernel kills the child with SIGTERM. numba picks
+# "tbb" first when the tbb package is installed (fork- and thread-safe); otherwise "omp"
+# (thread-safe, needed for concurrent apply()). There, a forked child gets this error instead.
+_FORK_UNSAFE_CHILD = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORK_UNSAFE_CHILD
+    numba = sys.modules.get("numba")
+    if numba is None or _FORK_UNSAFE_CHILD:
+        return
+    try:
+        layer = numba.threading_layer()  # ValueError: no parallel kernel has run yet
+    except ValueError:
+        return
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+
+        _FORK_UNSAFE_CHILD = omppool.openmp_vendor == "GNU"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_fork_safe() -> None:
+    if _FORK_UNSAFE_CHILD:
+        raise RuntimeError(
+            "paracompile: this process was fork()ed from one that had already run parallel "
+            "CPU kernels with numba's 'omp' threading layer (GNU OpenMP), which is not "
+            "fork-safe: a CPU kernel here would kill the process. Start worker processes with "
+            "multiprocessing's 'spawn' or 'forkserver' method, or install the 'tbb' package "
+            "(numba then uses its fork-safe 'tbb' layer); see docs/api.md")
+
+
+def _counters(iterations: int, fallback: int) -> torch.Tensor:
+    return torch.tensor([iterations, fallback], dtype=torch.int64)
+
+
+class _ArgumentTypeError(TypeError, ValueError):
+    """A wrong type for `iterations` / `tol`: a TypeError, and also the ValueError that
+    earlier versions raised for it (callers catching that keep working)."""
+
+
+def _iterations(value: Any) -> int:
+    # bool is an int subclass: iterations=True is a mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _ArgumentTypeError(f"iterations must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"iterations must be >= 0, got {value!r}")
+    return int(value)
+
+
+def _tol(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _ArgumentTypeError(f"tol must be a float, got {type(value).__name__} {value!r}")
+    if not value > 0:  # also rejects NaN
+        raise ValueError(f"tol must be positive, got {value!r}")
+    return float(value)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy flat numpy view of a contiguous CPU tensor."""
+    """A flat numpy view of a CPU tensor to read from (a contiguous copy if it is strided,
+    expanded or sliced)."""
     return t.detach().contiguous().reshape(-1).numpy()
+
+
+def _out(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a tensor the kernels write into: it must be contiguous, or the
+    writes would go to a copy."""
+    if not t.is_contiguous():
+        raise AssertionError("paracompile: a kernel output buffer is not contiguous")
+    return t.detach().view(-1).numpy()
 
 
 def _split_params(kinds: Mapping[str, str], ps: list[torch.Tensor]):
@@ -382,7 +472,6 @@ def _check_names(arg: str, given: Any, expected: tuple[str, ...], required: bool
 # -- torch custom ops ------------------------------------------------------------------------
 
 _OPS: dict[str, tuple[Any, Any]] = {}
-_LAST_NEWTON: dict[str, dict[str, int]] = {}  # key -> what the op's last Newton run did
 _CELLS: dict[str, CompiledCell] = {}
 
 
@@ -402,7 +491,8 @@ def _ops_for(cell: CompiledCell):
 
     @forward.register_fake
     def _(h0, xs, ps, method, target, iterations, tol):
-        return [xs[0].new_empty(xs[0].shape) for _ in range(n_states + len(cell.outputs))]
+        return ([xs[0].new_empty(xs[0].shape) for _ in range(n_states + len(cell.outputs))]
+                + [torch.empty(2, dtype=torch.int64)])
 
     @torch.library.custom_op(base + "_backward", mutates_args=())
     def backward(gs: list[torch.Tensor], gy: list[torch.Tensor], h0: list[torch.Tensor],
@@ -426,7 +516,8 @@ def _ops_for(cell: CompiledCell):
         xs = saved[n_states:n_states + n_in]
         ps = saved[n_states + n_in:n_states + n_in + n_par]
         ss = saved[n_states + n_in + n_par:]
-        grads = [torch.zeros_like(ss[0]) if g is None else g.contiguous() for g in grads]
+        # the last output (Newton's counters) is an integer tensor: it has no gradient
+        grads = [torch.zeros_like(ss[0]) if g is None else g.contiguous() for g in grads[:-1]]
         out = backward(grads[:n_states], grads[n_states:], h0, xs, ps, ss, ctx.target)
         return (out[:n_states], out[n_states:n_states + n_in], out[n_states + n_in:],
                 None, None, None, None)
