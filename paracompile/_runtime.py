@@ -366,15 +366,10 @@ def _counters(iterations: int, fallback: int) -> torch.Tensor:
     return torch.tensor([iterations, fallback], dtype=torch.int64)
 
 
-class _ArgumentTypeError(TypeError, ValueError):
-    """A wrong type for `iterations` / `tol`: a TypeError, and also the ValueError that
-    earlier versions raised for it (callers catching that keep working)."""
-
-
 def _iterations(value: Any) -> int:
     # bool is an int subclass: iterations=True is a mistake, not 1
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _ArgumentTypeError(f"iterations must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"iterations must be an int, got {type(value).__name__} {value!r}")
     if value < 0:
         raise ValueError(f"iterations must be >= 0, got {value!r}")
     return int(value)
@@ -382,7 +377,7 @@ def _iterations(value: Any) -> int:
 
 def _tol(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _ArgumentTypeError(f"tol must be a float, got {type(value).__name__} {value!r}")
+        raise TypeError(f"tol must be a float, got {type(value).__name__} {value!r}")
     if not value > 0:  # also rejects NaN
         raise ValueError(f"tol must be positive, got {value!r}")
     return float(value)

@@ -321,10 +321,17 @@ def test_cuda_backend_for_dense_cell_is_refused_clearly(elman, monkeypatch):
         elman.apply(xs, ps, backend="cuda")
 
 
-@pytest.mark.parametrize("iterations", [-1, -100, 1.5, "3"])
+@pytest.mark.parametrize("iterations", [-1, -100])
 def test_bad_iterations(gru, iterations):
     xs, ps, _ = args(gru)
     with raises(ValueError, "iterations", repr(iterations)):
+        gru.apply(xs, ps, method="newton", backend="torch", iterations=iterations)
+
+
+@pytest.mark.parametrize("iterations", [1.5, "3", True])
+def test_iterations_of_the_wrong_type(gru, iterations):
+    xs, ps, _ = args(gru)
+    with raises(TypeError, "iterations", repr(iterations)):
         gru.apply(xs, ps, method="newton", backend="torch", iterations=iterations)
 
 
