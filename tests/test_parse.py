@@ -205,9 +205,9 @@ def test_consts_fold_exactly_and_may_be_exponents() -> None:
 
 def test_every_known_function_parses() -> None:
     for name, (fn, arity) in KNOWN_FUNCTIONS.items():
-        args = ", ".join(["h", "x"][:arity])
-        expected = fn(*[h, x][:arity])  # type: ignore[operator]
-        assert expr_of(f"{name}({args})", "input x\n") == expected, name
+        args = ", ".join(["h", "x", "y"][:arity])
+        expected = fn(*[h, x, y][:arity])  # type: ignore[operator]
+        assert expr_of(f"{name}({args})", "input x, y\n") == expected, name
 
 
 # -- errors ------------------------------------------------------------------------------------
