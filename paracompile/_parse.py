@@ -30,6 +30,7 @@ INIT_ARITY = {"uniform": 2, "normal": 2, "constant": 1}
 # fast. Depth and size count an expression as the analysis sees it: with the intermediates
 # and new states it uses substituted; a chain of '+'/'-' (or of '*'/'/') is one level.
 MAX_DEPTH = 48  # nesting of operators and calls
+MAX_PARENS = 200  # nesting of parentheses (as in Python)
 MAX_OPS = 2000  # operators and calls in one expression
 MAX_CELL_OPS = 5000  # operators and calls in all the updates and outputs of a cell
 MAX_EXPONENT = 64  # |n| in `x ** n` when x is not a number
@@ -54,11 +55,28 @@ def _parser() -> lark.Lark:
 
 def parse_cell(text: str, filename: str = "<cell>") -> CellIR:
     """Parse and check the text of a `.cell` file."""
+    _check_parentheses(text, filename)
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedInput as err:
         raise _syntax_error(err, text, filename) from None
     return _Checker(text, filename).build(tree)
+
+
+def _check_parentheses(text: str, filename: str) -> None:
+    """Refuse parentheses nested beyond `MAX_PARENS` before parsing: a quick scan, so a huge
+    nesting fails at once (redundant parentheses do not count towards `MAX_DEPTH`)."""
+    depth = 0
+    for match in re.finditer(r"#[^\n]*|[()]", text):
+        if match.group() == "(":
+            depth += 1
+            if depth > MAX_PARENS:
+                line = text.count("\n", 0, match.start()) + 1
+                column = match.start() - text.rfind("\n", 0, match.start())
+                raise CellError(line, column, f"parentheses nested too deeply: depth {depth}, "
+                                f"limit {MAX_PARENS}", filename)
+        elif match.group() == ")":
+            depth = max(depth - 1, 0)
 
 
 def _describe(token: Token) -> str:
