@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import sympy as sp
+from sympy.core.relational import Relational
 
 from ._errors import CellError
 from ._ir import CellIR, Equation, MatVec, Param, Pos, symbol
 from ._parse import KEYWORDS, PARAM_KINDS
-from .functions import KNOWN_FUNCTIONS
+from .functions import KNOWN_FUNCTIONS, indicator
 
 
 class MatrixParam(sp.Symbol):
@@ -118,6 +119,8 @@ def trace(
             if isinstance(value, str):
                 raise TypeError(value)
             expr = sp.sympify(value, strict=True)
+            if isinstance(expr, Relational):  # `return x > 0`: the 0/1 value, as in .cell
+                expr = indicator(expr)
         except (sp.SympifyError, TypeError):
             raise CellError(line, 1, f"the value returned for {target!r} is not an expression: "
                             f"{value!r}", filename) from None

@@ -60,6 +60,15 @@ class CellIR:
     source: str = ""  # the text the IR came from (cache key); "" for traced functions
     filename: str = "<cell>"
     positions: dict[str, Pos] = field(default_factory=dict)  # declaration positions
+    # the exact value of each const (`consts` has it as a float); a const missing here is
+    # its float read as the decimal it prints as
+    const_values: dict[str, sp.Expr] = field(default_factory=dict)
+
+    def const_value(self, name: str) -> sp.Expr:
+        """The exact value of const `name`, as the equations have it folded in."""
+        if name in self.const_values:
+            return self.const_values[name]
+        return sp.Rational(repr(float(self.consts[name])))
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -78,10 +87,10 @@ class CellIR:
 
         Declarations come first (one ``param`` line per parameter, with its kind and init
         hint), then the equations in order. Numbers are exact (rationals as ``p/q``).
-        Constants are folded into the equations when parsed; here a number equal to a
-        constant's value is printed as the constant's name, so the round trip keeps it (a
-        constant whose value no longer appears as such, e.g. ``dt`` in ``dt * dt``, is
-        still declared and is then reported unused by the parser).
+        Constants are folded into the equations when parsed; here a number (or constant
+        expression) equal to a constant's value is printed as the constant's name, so the
+        round trip keeps it (a constant whose value no longer appears as such, e.g. ``dt`` in
+        ``dt * dt``, is still declared and is then reported unused by the parser).
         """
         lines = [f"cell {self.name}", "", f"state {', '.join(self.states)}"]
         if self.inputs:
@@ -91,11 +100,12 @@ class CellIR:
             if p.init is not None:
                 init = f" ~ {p.init.distribution}({', '.join(map(_number, p.init.args))})"
             lines.append(f"param {p.name} : {p.kind}{init}")
-        for name, value in self.consts.items():
-            lines.append(f"const {name} = {_number(value)}")
-        lines.append("")
-        exprs = _fold_consts([eq.expr for eq in self.equations], self.consts)
         printer = _CellPrinter()
+        values = {name: self.const_value(name) for name in self.consts}
+        for name, value in values.items():
+            lines.append(f"const {name} = {printer.doprint(value)}")
+        lines.append("")
+        exprs = _fold_consts([eq.expr for eq in self.equations], values)
         for eq, expr in zip(self.equations, exprs, strict=True):
             target = {"intermediate": eq.target, "update": primed(eq.target),
                       "output": f"output {eq.target}"}[eq.kind]
@@ -103,20 +113,20 @@ class CellIR:
         return "\n".join(lines) + "\n"
 
 
-def _fold_consts(exprs: list[sp.Expr], consts: dict[str, float]) -> list[sp.Expr]:
-    """Write numbers equal to a constant's value (or minus it) as the constant's name, so that
-    the printed text uses every constant. Exponents are left alone (``sqrt(x)``, not
-    ``x**half``) unless that is the only place a constant's value appears."""
+def _fold_consts(exprs: list[sp.Expr], consts: dict[str, sp.Expr]) -> list[sp.Expr]:
+    """Write numbers (and constant expressions) equal to a constant's exact value (or minus
+    it) as the constant's name, so that the printed text uses every constant. Exponents are
+    left alone (``sqrt(x)``, not ``x**half``) unless that is the only place a constant's value
+    appears."""
     table: dict[sp.Expr, sp.Expr] = {}
     for name, value in consts.items():
-        number = sp.Rational(repr(float(value)))  # as the parser reads it
-        if number not in (0, 1, -1) and number not in table:
-            table[number] = symbol(name)
-            table[-number] = -symbol(name)
+        if value not in (0, 1, -1) and value not in table:
+            table[value] = symbol(name)
+            table[-value] = -symbol(name)
 
     def fold(expr: sp.Expr, exponents: bool) -> sp.Expr:
-        if expr.is_Number:
-            return table.get(expr, expr)
+        if expr in table:
+            return table[expr]
         if not expr.args:
             return expr
         if expr.is_Pow and not exponents:
@@ -158,6 +168,18 @@ class _CellPrinter(StrPrinter):
             raise ValueError(f"{name}() cannot be written in the .cell language "
                              f"(known functions: {', '.join(sorted(KNOWN_FUNCTIONS))})")
         return f"{name}({self.stringify(expr.args, ', ')})"
+
+    def _print_greater(self, expr: sp.Expr) -> str:
+        return f"({self._print(expr.args[0])} > {self._print(expr.args[1])})"
+
+    def _print_ties(self, expr: sp.Expr) -> str:
+        return f"({self._print(expr.args[0])} == {self._print(expr.args[1])})"
+
+    def _print_Rational(self, expr: sp.Expr) -> str:
+        # a decimal when one reads back exactly (0.1, -2.5), else p/q
+        if expr.q != 1 and sp.Rational(repr(float(expr))) == expr:
+            return repr(float(expr))
+        return super()._print_Rational(expr)
 
     def _print_Abs(self, expr: sp.Expr) -> str:
         return f"abs({self._print(expr.args[0])})"

@@ -12,7 +12,7 @@ from paracompile import CellError
 from paracompile._analyse import Analysis, analyse
 from paracompile._frontend import trace
 from paracompile._parse import parse_cell
-from paracompile.functions import relu, sigmoid, tanh
+from paracompile.functions import clamp, greater, logsigmoid, relu, sigmoid, tanh, where
 
 CELLS = Path(__file__).resolve().parent.parent / "cells"
 
@@ -99,6 +99,23 @@ def test_traced_ir_round_trips_through_cell_text() -> None:
     ir = trace(Elman, states="h", inputs="x", params={"W": "matrix", "b": "vector"})
     assert "W @ (h)" in ir.to_source()
     assert_same_meaning(analyse(parse_cell(ir.to_source(), "t.cell")), analyse(ir))
+
+
+def Gated(h, x, a):  # noqa: ANN001, ANN201, N802
+    g = where(x > 0, tanh(a * h), -h) + clamp(h, -1, 1) + logsigmoid(x) * greater(h, x)
+    return g + where(sp.Eq(x, 1), 1, 0), x <= h
+
+
+def test_comparisons_where_clamp_logsigmoid_match_the_cell_language() -> None:
+    traced = trace(Gated, states="h", inputs="x", params="a", outputs="y")
+    parsed = parse_cell("cell Gated\nstate h\ninput x\nparam a\n"
+                        "g = where(x > 0, tanh(a * h), -h) + clamp(h, -1, 1) + logsigmoid(x) "
+                        "* (h > x)\nh' = g + where(x == 1, 1, 0)\noutput y = x <= h\n")
+    parsed_values = {e.target: e.expr for e in parsed.equations}
+    g = parsed_values.pop("g")
+    parsed_values["h"] = parsed_values["h"].subs(sp.Symbol("g", real=True), g)
+    assert {e.target: e.expr for e in traced.equations} == parsed_values
+    assert parse_cell(traced.to_source(), "t.cell").equations[1].expr == parsed_values["y"]
 
 
 # -- errors ------------------------------------------------------------------------------------

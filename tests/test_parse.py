@@ -35,6 +35,7 @@ def same_expr(a: sp.Expr, b: sp.Expr) -> bool:
 
 def assert_same_ir(a: CellIR, b: CellIR) -> None:
     assert (a.name, a.states, a.inputs, a.consts) == (b.name, b.states, b.inputs, b.consts)
+    assert a.const_values == b.const_values
     assert [(p.name, p.kind, p.init) for p in a.params] == [
         (p.name, p.kind, p.init) for p in b.params]
     assert [(e.target, e.kind) for e in a.equations] == [(e.target, e.kind) for e in b.equations]
@@ -205,9 +206,9 @@ def test_consts_fold_exactly_and_may_be_exponents() -> None:
 
 def test_every_known_function_parses() -> None:
     for name, (fn, arity) in KNOWN_FUNCTIONS.items():
-        args = ", ".join(["h", "x"][:arity])
-        expected = fn(*[h, x][:arity])  # type: ignore[operator]
-        assert expr_of(f"{name}({args})", "input x\n") == expected, name
+        args = ", ".join(["h", "x", "y"][:arity])
+        expected = fn(*[h, x, y][:arity])  # type: ignore[operator]
+        assert expr_of(f"{name}({args})", "input x, y\n") == expected, name
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -307,6 +308,20 @@ output o = a' / (1 + b' * b')
 """,
     # const used only inside another number's neighbourhood
     "cell C\nstate h\nconst k = 3\nh' = -k * h + k\n",
+    # comparisons, where, clamp, logsigmoid, constant expressions
+    """cell Gates
+state h, c
+input x, y
+param a
+const third = 1/3
+const e2 = 2 * exp(1) + third
+const s = sigmoid(third)
+g = where(x > 0, tanh(a * h), -h) + clamp(c, -1, third) + logsigmoid(y)
+m = (x < y) + (x >= h) - (h <= c) + (x == y) * (x != c) + where(y, 1, 2) * third
+h' = g * (h > c) + e2 * m + s
+c' = where(c - h, c ** third, e2 * c) + clamp(x, y, 1.5)
+output o = (h' > c') * h'
+""",
 ]
 
 
@@ -347,6 +362,19 @@ def test_to_source_of_a_traced_ir_with_floats() -> None:
     printed = sp.lambdify([x, h], again, [NUMERIC_FUNCTIONS, "math"])
     for point in [(0.3, -1.2), (-2.0, 5.0), (1.5, 0.25), (3.0, 2.5)]:
         assert printed(*point) == pytest.approx(original(*point), rel=1e-15)
+
+
+def test_to_source_of_new_constructs() -> None:
+    ir = parse("cell G\nstate h\ninput x\nconst k = 1/3\nconst c = 2 * k + exp(1)\n"
+               "h' = where(x > k, h, c * h) + (x <= 0) + clamp(h, -1, 1)\n")
+    text = ir.to_source()
+    assert "const k = 1/3" in text and "const c = 2/3 + exp(1)" in text
+    assert "(k > x)" not in text and "where((x > k), h, c*h)" in text
+    assert "-(x > 0)" in text and "min(max(h, -1), 1)" in text
+    again = parse_cell(text, "t.cell")  # filterwarnings = error: every const is used
+    assert again.const_values == ir.const_values and again.consts == ir.consts
+    assert again.equations[0].expr == ir.equations[0].expr
+    assert again.to_source() == text
 
 
 def test_to_source_refuses_what_the_language_cannot_say() -> None:
