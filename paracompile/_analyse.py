@@ -174,6 +174,10 @@ def total_derivative(expr: sp.Expr, var: sp.Symbol, terms: tuple[MatVecTerm, ...
     return result
 
 
+# Larger expressions are not handed to `sp.simplify` (unproven, so treated as nonzero: sound).
+MAX_PROOF_OPS = 400
+
+
 def is_zero(expr: sp.Expr) -> bool:
     """True only when SymPy proves `expr` is identically zero (unproven counts as nonzero).
 
@@ -183,6 +187,8 @@ def is_zero(expr: sp.Expr) -> bool:
     if expr == 0 or expr.is_zero is True:
         return True
     if _nonzero_somewhere(expr):
+        return False
+    if sp.count_ops(expr) > MAX_PROOF_OPS:  # simplify can take minutes on deep expressions
         return False
     try:
         if sp.simplify(expr) == 0:
