@@ -129,7 +129,29 @@ def neg(a: Range) -> Range:
     return Range(-a.hi, -a.lo)
 
 
+def _kind(r: Range) -> str | None:
+    if _le(0, r.lo):
+        return "+"
+    if _le(r.hi, 0):
+        return "-"
+    if _le(r.lo, 0) and _le(0, r.hi):
+        return "0"  # contains zero
+    return None
+
+
 def mul(a: Range, b: Range) -> Range:
+    ka, kb = _kind(a), _kind(b)
+    if ka == "-":
+        return neg(mul(neg(a), b))
+    if kb == "-":
+        return neg(mul(a, neg(b)))
+    # the interval-product table by sign, which needs no comparison of the products
+    table = {("+", "+"): (a.lo, b.lo, a.hi, b.hi), ("+", "0"): (a.hi, b.lo, a.hi, b.hi),
+             ("0", "+"): (a.lo, b.hi, a.hi, b.hi)}
+    if (ka, kb) in table:
+        x0, y0, x1, y1 = table[ka, kb]
+        lo, hi = _emul(x0, y0), _emul(x1, y1)
+        return _REAL if lo is None or hi is None else Range(lo, hi)
     ends = [_emul(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
     if any(e is None for e in ends):
         return _REAL
