@@ -224,7 +224,7 @@ class Evaluator:
         return r
 
     def _eval(self, e: sp.Expr) -> Range:
-        if not e.free_symbols:  # a number, pi, sqrt(2), ...
+        if e.is_Number or e.is_NumberSymbol:  # (sqrt(2) and the like are Pow)
             return Range(e, e) if e.is_finite and e.is_real else _REAL
         if e.is_Symbol:
             return self.ranges.get(e, _REAL)
@@ -255,13 +255,16 @@ class Evaluator:
             return None
         choices = []
         for t in terms:
-            factors = t.args if t.is_Mul else (t,)
-            weights = [f for f in factors if _le(0, self(f).lo) and _le(self(f).hi, 1)]
-            if not weights:
+            # a weight: |coefficient| (when at most 1), times one factor in [0, 1] or not
+            coeff, rest = t.as_coeff_Mul()
+            c = sp.Abs(coeff)
+            if not 0 < c <= 1:
                 return None
-            choices.append(weights)
+            units = [f for f in sp.Mul.make_args(rest)
+                     if _le(0, self(f).lo) and _le(self(f).hi, 1)]
+            choices.append([c, *(c * f for f in units)])
         for ws in itertools.product(*choices):
-            if sp.expand(sp.Add(*ws)) != 1:
+            if sp.Add(*ws) != 1:  # (1 - z) + z: SymPy collects it without expand
                 continue
             result = None
             for t, w in zip(terms, ws, strict=True):
@@ -305,7 +308,7 @@ class Evaluator:
         if f is fn.softplus:
             return _monotone(lambda x: sp.log(1 + sp.exp(x)), a, sp.Integer(0), _OO)
         if f is fn.relu:
-            return Range(_max(a.lo, sp.Integer(0)), _max(a.hi, sp.Integer(0)))
+            return Range(_max_lower(a.lo, sp.Integer(0)), _max(a.hi, sp.Integer(0)))
         if f is fn.abs:
             if _le(0, a.lo):
                 return a
@@ -389,26 +392,33 @@ def convergence_hint(analysis: Analysis) -> Hint:
         m = magnitudes[t.matrix] = sp.Symbol(f"|{t.matrix}[c,c]|", positive=True)
         ranges[t.mdiag] = Range(-m, m)
     box = _invariant_box(analysis, ranges)
-    ev = Evaluator({**ranges, **box})
-    k = analysis.k
-    rows = [sp.expand(sp.Add(*(magnitude(ev(analysis.jacobian[i, j]))
-                               for j in range(k) if analysis.pattern[i][j])))
-            for i in range(k)]
-    if any(r.has(_OO) for r in rows):
+    bound = _bound(analysis, {**ranges, **box})
+    if bound is None:
         free = [str(s) for s in analysis.states if s not in box]
         reason = "no bound found: the inputs range over all reals"
         if free:
             reason += f" and the states {', '.join(free)} are not proven bounded"
         return Hint(states, None, reason)
-    bound = _row_max(rows)
-    used = {n: m for n, m in magnitudes.items() if bound.has(m)}
-    # the box matters only when the bound used it
+    if box and _bound(analysis, ranges) == bound:
+        box = {}  # the same bound for any states: the box is not a condition
+    k = analysis.k
     needed = {str(s): (r.lo, r.hi) for s, r in box.items()
               if any(analysis.jacobian[i, j].has(s) for i in range(k) for j in range(k))}
+    used = {n: m for n, m in magnitudes.items() if bound.has(m)}
     if analysis.dense:
         return Hint(states, None, "dense: the matrix mixes channels, so the Jacobian is not "
                     "bounded per channel", needed, used, bound if k == 1 else None)
     return Hint(states, bound, "", needed, used)
+
+
+def _bound(analysis: Analysis, ranges: dict[sp.Symbol, Range]) -> sp.Expr | None:
+    """The max row sum of the entries' magnitudes; None if a row is unbounded."""
+    ev = Evaluator(ranges)
+    k = analysis.k
+    rows = [sp.expand(sp.Add(*(magnitude(ev(analysis.jacobian[i, j]))
+                               for j in range(k) if analysis.pattern[i][j])))
+            for i in range(k)]
+    return None if any(r.has(_OO) for r in rows) else _row_max(rows)
 
 
 def _row_max(rows: list[sp.Expr]) -> sp.Expr:
