@@ -4,7 +4,7 @@ Newton's iterations on the whole sequence converge fast when each step's Jacobia
 contracting or small, so a bound on its norm over every input tells how well a cell suits the
 parallel solve. The bound is found by interval arithmetic applied recursively to the SymPy
 Jacobian: every subexpression gets a range [lo, hi] whose ends are numbers, ±oo, or
-expressions in the magnitudes |p| of the parameters (positive symbols printed ``|p|``).
+expressions in the magnitudes |p| of the parameters (nonnegative symbols printed ``|p|``).
 Inputs range over all reals and parameters over [-|p|, |p|]. A state is bounded only inside
 a box that every step provably maps into itself (an update whose range is bounded whatever
 the states, or a convex combination of the state and bounded terms, like a gated update).
@@ -98,7 +98,11 @@ def _abs_bound(e: sp.Expr) -> sp.Expr:
 
 
 def _emul(a: sp.Expr, b: sp.Expr) -> sp.Expr | None:
-    """a*b for interval ends, with 0·oo = 0; None when an infinite product has no known sign."""
+    """a*b for interval ends, with 0·oo = 0; None when an infinite product has no known sign.
+
+    |p|·oo is oo although |p| may be 0: an end that is only further out, which keeps the
+    product's range a true enclosure (a nonnegative product is never its lower end unless
+    all of them are nonnegative, and then 0 <= |p|·oo anyway)."""
     if a == 0 or b == 0:
         return sp.Integer(0)
     if a.is_infinite or b.is_infinite:
@@ -110,7 +114,7 @@ def _emul(a: sp.Expr, b: sp.Expr) -> sp.Expr | None:
 
 
 def _sign(e: sp.Expr) -> int | None:
-    return 1 if e.is_positive else -1 if e.is_negative else None
+    return 1 if e.is_nonnegative else -1 if e.is_nonpositive else None
 
 
 def _finite(r: Range) -> bool:
@@ -383,13 +387,13 @@ class Hint:
 def convergence_hint(analysis: Analysis) -> Hint:
     """Bound the per-channel Jacobian of `analysis` (see `Hint`)."""
     states = tuple(analysis.ir.states)
-    magnitudes = {p.name: sp.Symbol(f"|{p.name}|", positive=True) for p in analysis.ir.params}
+    magnitudes = {p.name: sp.Symbol(f"|{p.name}|", nonnegative=True) for p in analysis.ir.params}
     ranges: dict[sp.Symbol, Range] = {}
     for sym in analysis.params:
         m = magnitudes[sym.name]
         ranges[sym] = Range(-m, m)
     for t in analysis.matvecs:
-        m = magnitudes[t.matrix] = sp.Symbol(f"|{t.matrix}[c,c]|", positive=True)
+        m = magnitudes[t.matrix] = sp.Symbol(f"|{t.matrix}[c,c]|", nonnegative=True)
         ranges[t.mdiag] = Range(-m, m)
     box = _invariant_box(analysis, ranges)
     bound = _bound(analysis, {**ranges, **box})

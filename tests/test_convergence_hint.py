@@ -43,7 +43,7 @@ def hint_of(text: str) -> Hint:
 
 
 def mag(name: str) -> sp.Symbol:
-    return sp.Symbol(f"|{name}|", positive=True)
+    return sp.Symbol(f"|{name}|", nonnegative=True)
 
 
 def test_numeric_bounds() -> None:
