@@ -33,8 +33,10 @@ TWO = ("cell Two\nstate a, b\ninput x, y\nparam p, q\n"
        "b' = 0.5 * sin(a') + 0.25 * b\n")
 SIGMOID = "cell Sig\nstate h\ninput x\nparam p\nh' = sigmoid(p * h + x)\n"  # tight: |p|/4
 LOGCELL = "cell Log\nstate h\ninput x\nh' = log(1 + h*h) + x\n"
-SMALL = {"sigmoid": SIGMOID, "leaky": LEAKY, "square": SQUARE, "decay": DECAY,
-         "clipped": CLIPPED, "two": TWO, "log": LOGCELL}
+RECIP = "cell Recip\nstate h\ninput x\nparam p\nh' = h / (1 + p*p) + x\n"  # <= 1
+DIVIDE = "cell Divide\nstate h\ninput x\nparam p\nh' = h / p + x\n"  # p may be 0
+SMALL = {"recip": RECIP, "divide": DIVIDE, "sigmoid": SIGMOID, "leaky": LEAKY,
+         "square": SQUARE, "decay": DECAY, "clipped": CLIPPED, "two": TWO, "log": LOGCELL}
 CELLS = {**SHIPPED, **SMALL}
 
 
@@ -49,6 +51,7 @@ def mag(name: str) -> sp.Symbol:
 def test_numeric_bounds() -> None:
     assert hint_of(LEAKY).line() == "convergence: |dh'/dh| <= 1/2 (a number)"
     assert hint_of(SHIPPED["mingru"]).line() == "convergence: |dh'/dh| <= 1 (a number)"
+    assert hint_of(RECIP).line() == "convergence: |dh'/dh| <= 1 (a number)"
 
 
 def test_bounds_in_terms_of_params() -> None:
@@ -86,6 +89,7 @@ def test_unknown() -> None:
     assert hint_of(SQUARE).line() == (
         "convergence: unknown (no bound found: the inputs range over all reals and the "
         "states h are not proven bounded)")
+    assert hint_of(DIVIDE).bound is None  # 1/p: p ranges over [-|p|, |p|], which holds 0
     assert hint_of(LOGCELL).bound is None  # 2h/(1 + h²) is bounded, but not by these rules
     elman = hint_of(SHIPPED["elman"])
     assert elman.bound is None
