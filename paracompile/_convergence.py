@@ -297,7 +297,7 @@ class Evaluator:
                 powers[other] -= n
         for base, exp in powers.items():
             if exp != 0:
-                result = mul(result, self(base) if exp == 1 else self(base**exp))
+                result = mul(result, self(base) if exp == 1 else _power(self(base), exp))
         return result
 
     def _function(self, e: sp.Expr) -> Range:

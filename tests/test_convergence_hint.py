@@ -52,6 +52,9 @@ def test_numeric_bounds() -> None:
     assert hint_of(LEAKY).line() == "convergence: |dh'/dh| <= 1/2 (a number)"
     assert hint_of(SHIPPED["mingru"]).line() == "convergence: |dh'/dh| <= 1 (a number)"
     assert hint_of(RECIP).line() == "convergence: |dh'/dh| <= 1 (a number)"
+    # 2*sqrt(2) is a Mul whose power form 2**(3/2) is that Mul again (once a recursion)
+    root = "cell Root\nstate h\ninput x\nh' = 2 * sqrt(2) * tanh(x) + 0.5 * h\n"
+    assert hint_of(root).line() == "convergence: |dh'/dh| <= 1/2 (a number)"
 
 
 def test_bounds_in_terms_of_params() -> None:
