@@ -80,7 +80,7 @@ def _max_lower(a: sp.Expr, b: sp.Expr) -> sp.Expr:
 
 
 def _abs_bound(e: sp.Expr) -> sp.Expr:
-    """An upper bound of |e| for a finite e over the positive |p| symbols: the sum of the
+    """An upper bound of |e| for a finite e over the |p| symbols (>= 0): the sum of the
     magnitudes of its expanded terms."""
     if e.is_nonnegative:
         return e
@@ -341,7 +341,7 @@ class Hint:
     sum of |entries|), over every input and parameter, while the states stay in `box`; None
     when no bound was found (`reason` says why). For a dense cell `diagonal` bounds the
     channel-diagonal entry alone (k = 1). `magnitudes` maps each parameter name to the
-    positive symbol that stands for its absolute value (for a matrix M: |M[c, c]|).
+    nonnegative symbol that stands for its absolute value (for a matrix M: |M[c, c]|).
     """
 
     states: tuple[str, ...]
