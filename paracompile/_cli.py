@@ -30,6 +30,7 @@ def _read(path: str) -> str:
 
 def _check(args: argparse.Namespace) -> int:
     from ._analyse import analyse
+    from ._convergence import convergence_hint
     from ._parse import parse_cell
 
     ir = parse_cell(_read(args.file), filename=args.file)
@@ -54,6 +55,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  (_mdiag* is the diagonal of {names}; the other entries of the matrix couple "
               "channels)")
     print(f"structure: {analysis.structure}")
+    print(convergence_hint(analysis).line())
     print(f"kernels: {_kernels(analysis.structure)}")
     return 0
 
