@@ -15,11 +15,12 @@ import keyword
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _cache
 from ._errors import CellError
@@ -119,6 +120,26 @@ def load_ir(ir: CellIR) -> CompiledCell:
     identity = repr((ir.name, ir.states, ir.inputs, ir.params, ir.outputs,
                      [(e.target, e.kind, sp.srepr(e.expr)) for e in ir.equations]))
     return _load(_cache.key("cell-ir", identity, analysis_fingerprint()), "", ir.filename, ir)
+
+
+def cell(
+    *,
+    states: str | Iterable[str],
+    inputs: str | Iterable[str] = (),
+    params: str | Iterable[str] | Mapping[str, str] = (),
+    outputs: str | Iterable[str] = (),
+    name: str | None = None,
+) -> Callable[[Callable[..., Any]], CompiledCell]:
+    """Decorator (`paracompile.cell`): turn a Python step function into a compiled cell (like
+    `load`), traced by `_frontend.trace`."""
+
+    def wrap(fn: Callable[..., Any]) -> CompiledCell:
+        from ._frontend import trace
+
+        return load_ir(trace(fn, states=states, inputs=inputs, params=params, outputs=outputs,
+                             name=name))
+
+    return wrap
 
 
 def _compile_meta(key: str, text: str, filename: str,

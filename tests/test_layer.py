@@ -1,4 +1,4 @@
-"""`cell.Layer` (the nn.Module) and `cell.step` (decoding), SPEC §4."""
+"""`cell.Layer` (the nn.Module) and `cell.step` (decoding), see docs/api.md."""
 
 from __future__ import annotations
 
