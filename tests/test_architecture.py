@@ -231,3 +231,9 @@ def test_a_built_cell_layer_pickles_without_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setattr(_driver, "load", lambda *a: pytest.fail("the compiler was used"))
     _same_layer(pickle.loads(data), layer)
     _same_layer(copy.deepcopy(layer), layer)
+
+
+def test_the_internal_interfaces_cover_every_module():
+    text = (PACKAGE.parent / "docs" / "internal-interfaces.md").read_text(encoding="utf-8")
+    missing = [f"{name}.py" for name in MODULES if f"`{name}.py`" not in text]
+    assert not missing, f"docs/internal-interfaces.md does not describe {missing}"
