@@ -1,4 +1,4 @@
-"""paracompile: compile the recurrence of an RNN cell into PyTorch ops (see SPEC §4).
+"""paracompile: compile the recurrence of an RNN cell into PyTorch ops (see docs/api.md).
 
     cell = paracompile.load("cells/paragru.cell")
     out = cell.apply(inputs, params)          # dict of (B, T, D) tensors
@@ -19,7 +19,7 @@ __all__ = ["CellError", "CellWarning", "CompiledCell", "cell", "load", "__versio
 
 def __getattr__(name: str) -> Any:
     if name == "cell":  # the Python frontend needs SymPy
-        from ._frontend import cell
+        from ._driver import cell
 
         return cell
     raise AttributeError(f"module 'paracompile' has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """A content-addressed cache of generated modules.
 
-The key hashes exactly what changes the generated text or the compiled code: the cell's
-source (or, for traced functions, its IR), target, dtype, options, the paracompile version
-and the sources of the code generator, the templates and the runtime helpers kernels import.
+The key (`key`, the one function that makes them) hashes exactly what changes the generated
+text or the compiled code: the cell's source (or, for traced functions, its IR), target,
+dtype, the paracompile version and the sources of the compiler, the templates and the runtime
+helpers kernels import (the driver's fingerprints).
 Files are written atomically (`os.replace`) and imported as real modules registered in
 `sys.modules`, so numba's `cache=True` can reuse compiled kernels across processes.
 
@@ -82,11 +83,37 @@ def _fallback(wanted: str, reason: str) -> Path:
     return _FALLBACKS[wanted]
 
 
-def digest(*parts: str) -> str:
+# What each kind of entry is keyed by, besides paracompile's version and the cache format
+# (the fingerprints are `_driver.analysis_fingerprint` and `_driver.target_fingerprint`).
+KEY_PARTS = {
+    "cell-text": ("the .cell text", "the analysis fingerprint"),  # a cell's metadata
+    "cell-ir": ("the traced IR", "the analysis fingerprint"),  # a traced cell's metadata
+    "module": ("the cell's key", "target", "dtype", "the target fingerprint"),  # generated
+    "built": ("the module's source",),  # a module embedded in a `paracompile build` file
+}
+
+
+def key(kind: str, *parts: str) -> str:
+    """The cache key of an entry: the one function every key goes through.
+
+    `parts` are what `KEY_PARTS[kind]` lists, in order; a key changes with each of them, with
+    the kind, with paracompile's version and with the layout of the cache files."""
+    expected = KEY_PARTS[kind]
+    if len(parts) != len(expected):
+        raise TypeError(f"a {kind!r} cache key takes {len(expected)} parts "
+                        f"({', '.join(expected)}), got {len(parts)}")
     h = hashlib.sha256()
-    for part in (__version__, _FORMAT, *parts):
+    for part in (__version__, _FORMAT, kind, *parts):
         h.update(part.encode())
         h.update(b"\0")
+    return h.hexdigest()
+
+
+def fingerprint(*texts: str) -> str:
+    """A hash of source texts (a part of keys, not a key: see `key`)."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(hashlib.sha256(text.encode()).digest())
     return h.hexdigest()
 
 

@@ -18,6 +18,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from ._analyse import Analysis
 from ._ir import primed
+from ._meta import CellMeta
 from .functions import where
 
 CHANNEL_BLOCK = 64  # channels per CPU task: long enough to vectorise, short enough to balance
@@ -276,7 +277,7 @@ def template_sources(family: str) -> str:
     return "".join(p.read_text() for p in paths)
 
 
-def render(analysis: Analysis, target: Target, dtype: DType, meta: dict) -> str:
+def render(analysis: Analysis, target: Target, dtype: DType, meta: CellMeta) -> str:
     """The complete source of the generated module for one (cell, target, dtype)."""
     a = analysis
     staged = bool(a.matvecs)
@@ -302,7 +303,7 @@ def render(analysis: Analysis, target: Target, dtype: DType, meta: dict) -> str:
     return _environment().get_template("module.py.jinja").render(
         target=target,
         meta=meta,
-        meta_repr=repr(meta),
+        meta_repr=repr(meta.to_dict()),
         channel_block=CHANNEL_BLOCK,
         functions=scalar_functions(a, target, dtype),
         kernels=kernels,

@@ -9,52 +9,70 @@ neither parses, analyses, renders nor (thanks to numba's cache) compiles anythin
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import json
 import keyword
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _cache
 from ._errors import CellError
+from ._meta import CellMeta
 from ._runtime import CompiledCell
 from ._version import __version__
 
 if TYPE_CHECKING:
     from ._ir import CellIR
 
-# What each cache key covers: the analysis (metadata), and per target the code generator,
-# its templates and what the generated code imports.
-_ANALYSIS_FILES = ("_analyse.py", "_ir.py", "_parse.py", "cell.lark", "functions.py")
-_TARGET_FILES = {"cpu": ("_codegen.py", "_fastmath.py"), "cuda": ("_codegen.py",),
-                 "cudasim": ("_codegen.py",), "torch": ("_codegen.py",)}
+# Source files of the package that the generated code does not depend on: the run-time side,
+# which loads and runs generated modules without shaping them, and the entry points. Every
+# other file (the compiler, code generator, function registry, grammar, and the helpers that
+# generated modules import), new ones included, is in both fingerprints;
+# tests/test_architecture.py checks that nothing the generated code depends on is listed here.
+RUNTIME_ONLY = frozenset({
+    "__init__.py", "__main__.py", "_cli.py",  # entry points
+    "_runtime.py", "_layer.py", "_checks.py",  # CompiledCell, its ops, layer, argument checks
+    "_cpu.py", "_cuda.py",  # the host drivers that launch the kernels
+    "_reference.py",  # the pure-torch reference backend
+    "_ptx.py",  # a resource report of compiled CUDA kernels
+    "_cache.py", "_version.py",  # their format and version are parts of every key already
+})
+_SUFFIXES = (".py", ".lark")
 
 # counters of the expensive stages, for tests
 STAGE_COUNTS = {"analyse": 0, "render": 0}
 
 
-def _sources(names: tuple[str, ...]) -> list[str]:
+def fingerprinted_files() -> list[str]:
+    """The package's source files in the fingerprints: all but `RUNTIME_ONLY`."""
     package = resources.files("paracompile")
-    return [package.joinpath(f).read_text() for f in names]
+    return sorted(f.name for f in package.iterdir()
+                  if f.name.endswith(_SUFFIXES) and f.name not in RUNTIME_ONLY)
 
 
 @cache
 def analysis_fingerprint() -> str:
-    return _cache.digest(*_sources(_ANALYSIS_FILES))
+    """Part of a cell's key: the compiler's sources (the analysis and the metadata)."""
+    package = resources.files("paracompile")
+    return _cache.fingerprint(*(package.joinpath(f).read_text(encoding="utf-8")
+                                for f in fingerprinted_files()))
 
 
 @cache
 def target_fingerprint(target: str) -> str:
+    """Part of a generated module's key (with the cell's key, hence `analysis_fingerprint`):
+    the templates its target family renders from."""
     from ._codegen import template_sources
 
     family = "cuda" if target.startswith("cuda") else target
-    return _cache.digest(*_sources(_TARGET_FILES[target]), template_sources(family))
+    return _cache.fingerprint(template_sources(family))
 
 
 def read_source(path_or_source: str | os.PathLike[str]) -> tuple[str, str]:
@@ -90,9 +108,9 @@ def decode_cell(data: bytes, filename: str) -> str:
 
 
 def load(path_or_source: str | os.PathLike[str]) -> CompiledCell:
-    """Compile a cell (a `.cell` path or source text) once, cached on disk; see SPEC §4."""
+    """Compile a cell (a `.cell` path or source text) once, cached on disk; see docs/api.md."""
     text, filename = read_source(path_or_source)
-    return _load(_cache.digest("cell-text", text, analysis_fingerprint()), text, filename, None)
+    return _load(_cache.key("cell-text", text, analysis_fingerprint()), text, filename, None)
 
 
 def load_ir(ir: CellIR) -> CompiledCell:
@@ -101,11 +119,31 @@ def load_ir(ir: CellIR) -> CompiledCell:
 
     identity = repr((ir.name, ir.states, ir.inputs, ir.params, ir.outputs,
                      [(e.target, e.kind, sp.srepr(e.expr)) for e in ir.equations]))
-    return _load(_cache.digest("cell-ir", identity, analysis_fingerprint()), "", ir.filename,
-                 ir)
+    return _load(_cache.key("cell-ir", identity, analysis_fingerprint()), "", ir.filename, ir)
 
 
-def _compile_meta(key: str, text: str, filename: str, ir: CellIR | None):
+def cell(
+    *,
+    states: str | Iterable[str],
+    inputs: str | Iterable[str] = (),
+    params: str | Iterable[str] | Mapping[str, str] = (),
+    outputs: str | Iterable[str] = (),
+    name: str | None = None,
+) -> Callable[[Callable[..., Any]], CompiledCell]:
+    """Decorator (`paracompile.cell`): turn a Python step function into a compiled cell (like
+    `load`), traced by `_frontend.trace`."""
+
+    def wrap(fn: Callable[..., Any]) -> CompiledCell:
+        from ._frontend import trace
+
+        return load_ir(trace(fn, states=states, inputs=inputs, params=params, outputs=outputs,
+                             name=name))
+
+    return wrap
+
+
+def _compile_meta(key: str, text: str, filename: str,
+                  ir: CellIR | None) -> tuple[_Compiler, CellMeta]:
     compiler = _Compiler(text, filename, ir)
     meta_path = _cache.module_path(key, "meta").with_suffix(".json")
     meta = _read_meta(meta_path, key)
@@ -113,25 +151,20 @@ def _compile_meta(key: str, text: str, filename: str, ir: CellIR | None):
         return compiler, meta
     check_name(compiler.ir)  # parses: syntax errors come before any other work
     meta = metadata(compiler.analysis, key)
-    _cache.write_atomic(meta_path, json.dumps(meta, indent=1))
+    _cache.write_atomic(meta_path, meta.to_json())
     return compiler, meta
 
 
-# what every reader of the metadata needs (a damaged file is missing some, or is not JSON)
-_META_FIELDS = {"name", "version", "key", "states", "inputs", "params", "inits", "outputs",
-                "structure", "jac_entries", "source"}
-
-
-def _read_meta(path: Path, key: str) -> dict | None:
+def _read_meta(path: Path, key: str) -> CellMeta | None:
     """The cached metadata for `key`; None when it is missing, or damaged (then deleted,
     with a CacheWarning)."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = CellMeta.from_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except ValueError:  # truncated or garbled: not JSON, or not UTF-8
+    except ValueError:  # truncated or garbled: not JSON, not UTF-8, or fields missing
         meta = None
-    if isinstance(meta, dict) and meta.keys() >= _META_FIELDS and meta["key"] == key:
+    if meta is not None and meta.key == key:
         return meta
     _cache.discard(path, "the damaged cell metadata")
     return None
@@ -179,7 +212,7 @@ def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
     module built by paracompile, and (ShadowingError, a ValueError) to write a module whose
     name would shadow a standard library or installed module."""
     text, filename = read_source(path)
-    key = _cache.digest("cell-text", text, analysis_fingerprint())
+    key = _cache.key("cell-text", text, analysis_fingerprint())
     compiler, meta = _compile_meta(key, text, filename, None)
     snake = compiler.ir.snake_name
     target = Path(out_dir) / f"{snake}.py"
@@ -189,14 +222,14 @@ def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
         if target.exists() and not replace:
             raise _exists(target)
     targets = [("cpu", "float32"), ("cpu", "float64"), ("torch", "any")]
-    if meta["structure"] != "dense":
+    if meta.structure != "dense":
         targets += [(t, d) for t in ("cuda", "cudasim") for d in ("float32", "float64")]
     sources = {f"{t}/{d}": render_module(compiler.analysis, meta, t, d) for t, d in targets}
     # the file name goes into a docstring: escaped so that quotes, backslashes or newlines
     # in it cannot end the string
     source_name = repr(Path(filename).name)[1:-1].replace('"', '\\"')
     lines = [
-        f'"""The {meta["name"]} cell (structure {meta["structure"]}), built by paracompile '
+        f'"""The {meta.name} cell (structure {meta.structure}), built by paracompile '
         f'{__version__} from {source_name}.',
         "",
         "Do not edit: rebuild with `paracompile build`. Needs torch, numba and the paracompile",
@@ -207,7 +240,7 @@ def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
         "",
         "from paracompile._runtime import cell_from_sources",
         "",
-        f"META = {meta!r}",
+        f"META = {meta.to_dict()!r}",
         "",
         f"SOURCES = {sources!r}",
         "",
@@ -294,45 +327,47 @@ class _Compiler:
         return self._analysis
 
 
-def metadata(analysis, key: str) -> dict:
+def metadata(analysis, key: str) -> CellMeta:
     ir = analysis.ir
-    return {
-        "name": ir.name,
-        "version": __version__,
-        "key": key,
-        "states": list(ir.states),
-        "inputs": list(ir.inputs),
-        "params": {p.name: p.kind for p in ir.params},
-        "inits": {p.name: [p.init.distribution, list(p.init.args)] if p.init else None
-                  for p in ir.params},
-        "outputs": list(ir.outputs),
-        "structure": analysis.structure,
-        "jac_entries": [list(e) for e in analysis.jac_entries],
-        "source": ir.source,
-    }
+    return CellMeta(
+        name=ir.name,
+        version=__version__,
+        key=key,
+        states=tuple(ir.states),
+        inputs=tuple(ir.inputs),
+        params={p.name: p.kind for p in ir.params},
+        inits={p.name: (p.init.distribution, tuple(p.init.args)) if p.init else None
+               for p in ir.params},
+        outputs=tuple(ir.outputs),
+        structure=analysis.structure,
+        jac_entries=tuple((int(i), int(j)) for i, j in analysis.jac_entries),
+        source=ir.source,
+    )
 
 
-def render_module(analysis, meta: dict, target: str, dtype: str) -> str:
+def render_module(analysis, meta: CellMeta, target: str, dtype: str) -> str:
     from ._codegen import render, torch_step_source
 
     STAGE_COUNTS["render"] += 1
     if target == "torch":
         return ("# Generated by paracompile: the pure-torch step of cell "
-                f"{meta['name']} (the reference backend).\nimport torch\n\n\n"
+                f"{meta.name} (the reference backend).\nimport torch\n\n\n"
                 + torch_step_source(analysis.ir))
     return render(analysis, target, dtype, meta)  # type: ignore[arg-type]
 
 
 def _load(key: str, text: str, filename: str, ir: CellIR | None) -> CompiledCell:
     compiler, meta = _compile_meta(key, text, filename, ir)
-    stem = meta["name"].lower()
+    stem = meta.name.lower()
 
     def module(target: str, dtype: str) -> ModuleType:
-        module_key = _cache.digest(key, target, dtype, target_fingerprint(target))
+        module_key = _cache.key("module", key, target, dtype, target_fingerprint(target))
         mod, _ = _cache.load_module(
             module_key, f"{stem}_{target}_{dtype}",
             lambda: render_module(compiler.analysis, meta, target, dtype))
         return mod
 
     torch_step = module("torch", "any").torch_step
-    return CompiledCell(meta, cache(module), torch_step)
+    # a cell from `.cell` text is made again from it (e.g. to unpickle one of its layers)
+    loader = functools.partial(load, text) if text else None
+    return CompiledCell(meta, cache(module), torch_step, loader)

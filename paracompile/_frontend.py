@@ -1,4 +1,4 @@
-"""The Python frontend (SPEC §2): trace a function with SymPy symbols into the same `CellIR`.
+"""The Python frontend (docs/api.md): trace a function with SymPy symbols into the same `CellIR`.
 
     @paracompile.cell(states="h", inputs=("x_z", "x_h"), params=("a",))
     def MinGRU(h, x_z, x_h, a):
@@ -155,22 +155,3 @@ def trace(
 def _only_in_matvec(expr: sp.Expr, matrix: str) -> bool:
     stripped = expr.replace(lambda e: isinstance(e, MatVec), lambda *a: sp.Integer(0))
     return symbol(matrix) not in stripped.free_symbols
-
-
-def cell(
-    *,
-    states: str | Iterable[str],
-    inputs: str | Iterable[str] = (),
-    params: str | Iterable[str] | Mapping[str, str] = (),
-    outputs: str | Iterable[str] = (),
-    name: str | None = None,
-) -> Callable[[Callable[..., Any]], Any]:
-    """Decorator: turn a Python step function into a compiled cell (like `paracompile.load`)."""
-
-    def wrap(fn: Callable[..., Any]) -> Any:
-        from ._driver import load_ir
-
-        return load_ir(trace(fn, states=states, inputs=inputs, params=params, outputs=outputs,
-                             name=name))
-
-    return wrap

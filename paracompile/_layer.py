@@ -1,7 +1,8 @@
-"""The user's side of a compiled cell: the `nn.Module` layer (`cell.Layer`) and single-step
-decoding (`cell.step`), SPEC §4.
+"""The `nn.Module` layer of a compiled cell (`cell.Layer`, see docs/api.md).
 
-Imports neither SymPy, Lark nor Jinja (modules written by `paracompile build` use it).
+Imports only torch and `_checks`: the layer reaches its cell through the `CompiledCell` it
+is given (``cls.cell``), and pickles by the cell's `loader`, so it needs neither `_runtime`
+nor the driver (the runtime imports this module for `cell.Layer`, not the reverse).
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._runtime import (
-    ACCEPTED_DTYPES,
+from ._checks import (
     BACKENDS,
-    COMPUTE_DTYPES,
     METHODS,
-    _check_names,
-    _tensor,
-    consistency_check,
-    param_tensors,
+    check_choice,
+    check_layer_dtype,
+    check_layer_x,
+    positive_int,
 )
 
 if TYPE_CHECKING:
@@ -30,69 +29,7 @@ if TYPE_CHECKING:
 
 PROJECTIONS = ("heads", "dense")
 
-__all__ = ["CellLayer", "CellParameters", "layer_class", "single_step"]
-
-
-# -- single step (decoding) --------------------------------------------------------------------
-
-
-def single_step(
-    cell: CompiledCell,
-    torch_step: Callable[..., Any],
-    inputs: Mapping[str, Tensor],
-    params: Mapping[str, Tensor],
-    state: Mapping[str, Tensor] | None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One step of the recurrence on (B, D) tensors: ``(new state, outputs)``, each a dict of
-    (B, D) tensors. Missing states start at zero. Differentiable (plain torch autograd).
-
-    float16/bfloat16 are computed in float32 and returned in the input dtype, as in `apply`.
-    """
-    _check_names("inputs", inputs, cell.inputs, required=True)
-    _check_names("params", params, tuple(cell.params), required=True)
-    if state is not None:
-        _check_names("state", state, cell.states, required=False)
-    xs = [_tensor(f"inputs[{n!r}]", inputs[n]) for n in cell.inputs]
-    given = {} if state is None else {n: _tensor(f"state[{n!r}]", state[n]) for n in state}
-    if xs:
-        ref_arg, ref = f"inputs[{cell.inputs[0]!r}]", xs[0]
-    elif given and len(given) == len(cell.states):
-        ref_arg, ref = f"state[{cell.states[0]!r}]", given[cell.states[0]]
-    else:
-        raise ValueError(f"cell {cell.name} has no inputs, so step() cannot tell the batch "
-                         f"size: pass every state ({', '.join(cell.states)}) as (B, D) tensors")
-    if ref.dim() != 2:
-        hint = " (one time step; use apply() for (B, T, D) sequences)" if ref.dim() == 3 else ""
-        raise ValueError(f"{ref_arg} must have shape (B, D){hint}, got {tuple(ref.shape)}")
-    B, D = ref.shape
-    if ref.dtype not in ACCEPTED_DTYPES:
-        raise TypeError(f"{ref_arg} has dtype {ref.dtype}; expected float32, float64, float16 "
-                        "or bfloat16")
-    if D == 0:
-        raise ValueError(f"{ref_arg} has D = 0 channels")
-
-    same = consistency_check(ref_arg, ref, B=B, D=D)
-    for n, x in zip(cell.inputs, xs, strict=True):
-        same(f"inputs[{n!r}]", x, (B, D), "(B, D)")
-    ps = param_tensors(params, cell.params, D, same)
-    ss = []
-    for n in cell.states:
-        if n in given:
-            same(f"state[{n!r}]", given[n], (B, D), "(B, D)")
-            ss.append(given[n])
-        else:
-            ss.append(ref.new_zeros(B, D))
-    in_dtype = ref.dtype
-    dtype = in_dtype if in_dtype in COMPUTE_DTYPES else torch.float32
-    cast = [[t.to(dtype) for t in group] for group in (ss, xs, ps)]
-    new_states, outputs = torch_step(*(tuple(group) for group in cast))
-
-    def result(v: Any) -> Tensor:  # a constant or (D,) expression still gives (B, D)
-        v = torch.as_tensor(v, dtype=dtype, device=ref.device)
-        return torch.broadcast_to(v, (B, D)).to(in_dtype)
-
-    return ({n: result(v) for n, v in zip(cell.states, new_states, strict=True)},
-            {n: result(v) for n, v in zip(cell.outputs, outputs, strict=True)})
+__all__ = ["CellLayer", "CellParameters", "layer_class"]
 
 
 # -- the layer ---------------------------------------------------------------------------------
@@ -126,12 +63,6 @@ class CellParameters(nn.Module):
     def as_dict(self) -> dict[str, Tensor]:
         """name -> parameter, in the cell's declaration order (the `params` of `apply`)."""
         return dict(self._parameters)  # type: ignore[arg-type]
-
-
-def _positive_int(arg: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    return value
 
 
 class CellLayer(nn.Module):
@@ -197,11 +128,10 @@ class CellLayer(nn.Module):
         if not cell.inputs:
             raise ValueError(f"cell {cell.name} has no inputs, so a Layer has nothing to project "
                              "x to; declare an input")
-        self.input_size = _positive_int("input_size", input_size)
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        if projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        self.input_size = positive_int("input_size", input_size)
+        self.hidden_size = positive_int("hidden_size", hidden_size)
+        self.num_heads = positive_int("num_heads", num_heads)
+        check_choice("projection", projection, PROJECTIONS)
         if projection == "dense" and num_heads != 1:
             raise ValueError(f"num_heads={num_heads} needs projection='heads' (block-diagonal); "
                              "projection='dense' is one full matrix: leave num_heads=1")
@@ -212,13 +142,10 @@ class CellLayer(nn.Module):
                                  "features")
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("method", method, METHODS)
+        check_choice("backend", backend, BACKENDS)
+        check_layer_dtype(dtype)
         factory = {"dtype": dtype, "device": device}
-        if dtype is not None and dtype not in ACCEPTED_DTYPES:
-            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
         self.projection = projection
         self.method = method
         self.backend = backend
@@ -313,17 +240,7 @@ class CellLayer(nn.Module):
 
     # -- helpers -------------------------------------------------------------------------------
     def _check_x(self, x: Any, shape_text: str, dim: int) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape {shape_text}, got "
-                            f"{type(x).__name__}")
-        if x.dim() != dim or x.shape[-1] != self.input_size:
-            raise ValueError(f"x must have shape {shape_text} with input_size="
-                             f"{self.input_size}, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x has dtype {x.dtype}; expected a floating-point tensor")
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x has dtype {x.dtype}, but the layer's parameters are "
-                            f"{self.weight.dtype}; convert one of them (e.g. layer.to(x.dtype))")
+        check_layer_x(x, shape_text, dim, self.input_size, self.weight.dtype)
 
     def _h0(self, h0: Any, B: int, like: Tensor, arg: str = "h0") -> dict[str, Tensor] | None:
         """h0 as the dict `apply` takes (cast to the computation's dtype), or None."""
@@ -361,12 +278,12 @@ class CellLayer(nn.Module):
         return states[self.cell.states[0]] if len(self.cell.states) == 1 else states
 
     def __reduce_ex__(self, protocol):  # noqa: ANN001, ANN204
-        """Pickle (torch.save(layer), multiprocessing) by the cell's source text: unpickling
-        loads the cell (from the compile cache) to find the layer class again."""
-        source = self.cell.meta.get("source")
-        if not source:  # a cell traced from a Python function: deepcopy works, pickle doesn't
+        """Pickle (torch.save(layer), multiprocessing) by the cell's `loader` (for a cell
+        loaded from `.cell` text: its source): unpickling finds the layer class again."""
+        loader = self.cell.loader
+        if loader is None:  # a cell traced from a Python function: deepcopy works, pickle doesn't
             return super().__reduce_ex__(protocol)
-        return (_layer_of_source, (source,), self.__dict__.copy())
+        return (_layer_of_cell, (self.cell.key, loader), self.__dict__.copy())
 
     def extra_repr(self) -> str:
         cell = self.cell
@@ -385,15 +302,12 @@ class CellLayer(nn.Module):
 _CLASSES: dict[str, type] = {}
 
 
-def _layer_of_source(source: str) -> CellLayer:
-    """An uninitialised layer of the cell with this `.cell` source (for unpickling and
-    deepcopy): the class already made for it in this process, else the cell is loaded."""
-    from . import _cache
-    from ._driver import analysis_fingerprint, load
-
-    cls = _CLASSES.get(_cache.digest("cell-text", source, analysis_fingerprint()))
+def _layer_of_cell(key: str, loader: Callable[[], CompiledCell]) -> CellLayer:
+    """An uninitialised layer of the cell with this key (for unpickling and deepcopy): the
+    class already made for it in this process, else the one of the cell `loader()` makes."""
+    cls = _CLASSES.get(key)
     if cls is None:
-        cls = load(source).Layer
+        cls = loader().Layer
     return cls.__new__(cls)
 
 

@@ -132,7 +132,7 @@ def _suggest(name: str, candidates: list[str]) -> str:
 
 
 class _Checker:
-    """Walks the parse tree once, in order, building the IR and checking every rule of SPEC §1."""
+    """Walks the parse tree once, in order: builds the IR, checking docs/language.md's rules."""
 
     def __init__(self, text: str, filename: str) -> None:
         self.text = text

@@ -1,5 +1,5 @@
-"""The run-time side of a compiled cell: argument checking, torch custom ops around the
-generated kernels, autograd, and the `CompiledCell` object of SPEC §4.
+"""The run-time side of a compiled cell: the `CompiledCell` object (see docs/api.md), torch
+custom ops around the generated kernels, autograd, and single-step decoding (`step`).
 
 Imports neither SymPy, Lark nor Jinja: modules written by `paracompile build` use only this.
 """
@@ -7,7 +7,6 @@ Imports neither SymPy, Lark nor Jinja: modules written by `paracompile build` us
 from __future__ import annotations
 
 import functools
-import numbers
 import os
 import sys
 import threading
@@ -19,12 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _reference
+from . import _cache, _reference
+from ._checks import (
+    BACKENDS,
+    COMPUTE_DTYPES,
+    METHODS,
+    check_dtype,
+    check_iterations,
+    check_names,
+    check_tol,
+    consistency_check,
+    param_tensors,
+    tensor,
+)
+from ._layer import layer_class
+from ._meta import CellMeta
 
-METHODS = ("auto", "sequential", "newton")
-BACKENDS = ("auto", "cpu", "cuda", "torch")
-COMPUTE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_ITERATIONS = {"float32": 3, "float64": 5}
 DEFAULT_TIME_CHUNK = 128
 
@@ -54,24 +63,31 @@ class NewtonStats:
 
 
 class CompiledCell:
-    """A compiled recurrent cell (SPEC §4). Create with `paracompile.load`.
+    """A compiled recurrent cell (see docs/api.md). Create with `paracompile.load`.
 
     Attributes: ``name``, ``states``, ``inputs``, ``params`` (name -> "vector" | "scalar" |
-    "matrix"), ``outputs``, ``structure`` ("diagonal", "block(K)" or "dense").
+    "matrix"), ``outputs``, ``structure`` ("diagonal", "block(K)" or "dense"), ``meta`` (the
+    `CellMeta` they come from).
+
+    `loader`, when given, is a picklable callable that makes this cell again in another
+    process (the driver passes `functools.partial(load, source)`): layers of the cell pickle
+    by it, so this module needs to know neither the driver nor how the cell was made.
     """
 
-    def __init__(self, meta: Mapping[str, Any], modules: ModuleProvider,
-                 torch_step: Callable[..., Any]) -> None:
-        self.meta = dict(meta)
+    def __init__(self, meta: CellMeta, modules: ModuleProvider,
+                 torch_step: Callable[..., Any],
+                 loader: Callable[[], CompiledCell] | None = None) -> None:
+        self.meta = meta
         self._stats_lock = threading.Lock()  # apply() may run in several threads at once
-        self.name: str = meta["name"]
-        self.states: tuple[str, ...] = tuple(meta["states"])
-        self.inputs: tuple[str, ...] = tuple(meta["inputs"])
-        self.params: dict[str, str] = dict(meta["params"])
-        self.outputs: tuple[str, ...] = tuple(meta["outputs"])
-        self.structure: str = meta["structure"]
-        self.inits: dict[str, tuple[str, tuple[float, ...]] | None] = dict(meta.get("inits", {}))
-        self.key: str = meta["key"]
+        self.name: str = meta.name
+        self.states: tuple[str, ...] = meta.states
+        self.inputs: tuple[str, ...] = meta.inputs
+        self.params: dict[str, str] = dict(meta.params)
+        self.outputs: tuple[str, ...] = meta.outputs
+        self.structure: str = meta.structure
+        self.inits: dict[str, tuple[str, tuple[float, ...]] | None] = dict(meta.inits)
+        self.key: str = meta.key
+        self.loader = loader
         self.stats = NewtonStats()
         self._modules = modules
         self._torch_step = torch_step
@@ -86,10 +102,8 @@ class CompiledCell:
         return self.structure == "dense"
 
     @property
-    def Layer(self) -> type:  # noqa: N802 - a class, as in SPEC §4: cell.Layer(...)
+    def Layer(self) -> type:  # noqa: N802 - a class (docs/api.md): cell.Layer(...)
         """An `nn.Module` class running this cell (see `paracompile._layer.CellLayer`)."""
-        from ._layer import layer_class
-
         return layer_class(self)
 
     def step(
@@ -98,11 +112,57 @@ class CompiledCell:
         params: Mapping[str, torch.Tensor],
         state: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One step, for decoding: inputs (B, D) per name, state (B, D) per state name
-        (default zeros) -> (new state, outputs), each a dict of (B, D) tensors."""
-        from ._layer import single_step
+        """One step of the recurrence, for decoding: inputs (B, D) per name, state (B, D) per
+        state name (missing states start at zero) -> ``(new state, outputs)``, each a dict of
+        (B, D) tensors. Runs the pure-torch step: differentiable by plain torch autograd.
 
-        return single_step(self, self._torch_step, inputs, params, state)
+        float16/bfloat16 are computed in float32 and returned in the input dtype, as in `apply`.
+        """
+        check_names("inputs", inputs, self.inputs, required=True)
+        check_names("params", params, tuple(self.params), required=True)
+        if state is not None:
+            check_names("state", state, self.states, required=False)
+        xs = [tensor(f"inputs[{n!r}]", inputs[n]) for n in self.inputs]
+        given = {} if state is None else {n: tensor(f"state[{n!r}]", state[n]) for n in state}
+        if xs:
+            ref_arg, ref = f"inputs[{self.inputs[0]!r}]", xs[0]
+        elif given and len(given) == len(self.states):
+            ref_arg, ref = f"state[{self.states[0]!r}]", given[self.states[0]]
+        else:
+            raise ValueError(f"cell {self.name} has no inputs, so step() cannot tell the batch "
+                             f"size: pass every state ({', '.join(self.states)}) as (B, D) "
+                             "tensors")
+        if ref.dim() != 2:
+            hint = (" (one time step; use apply() for (B, T, D) sequences)" if ref.dim() == 3
+                    else "")
+            raise ValueError(f"{ref_arg} must have shape (B, D){hint}, got {tuple(ref.shape)}")
+        B, D = ref.shape
+        check_dtype(ref_arg, ref.dtype)
+        if D == 0:
+            raise ValueError(f"{ref_arg} has D = 0 channels")
+
+        same = consistency_check(ref_arg, ref, B=B, D=D)
+        for n, x in zip(self.inputs, xs, strict=True):
+            same(f"inputs[{n!r}]", x, (B, D), "(B, D)")
+        ps = param_tensors(params, self.params, D, same)
+        ss = []
+        for n in self.states:
+            if n in given:
+                same(f"state[{n!r}]", given[n], (B, D), "(B, D)")
+                ss.append(given[n])
+            else:
+                ss.append(ref.new_zeros(B, D))
+        in_dtype = ref.dtype
+        dtype = in_dtype if in_dtype in COMPUTE_DTYPES else torch.float32
+        cast = [[t.to(dtype) for t in group] for group in (ss, xs, ps)]
+        new_states, outputs = self._torch_step(*(tuple(group) for group in cast))
+
+        def result(v: Any) -> torch.Tensor:  # a constant or (D,) expression still gives (B, D)
+            v = torch.as_tensor(v, dtype=dtype, device=ref.device)
+            return torch.broadcast_to(v, (B, D)).to(in_dtype)
+
+        return ({n: result(v) for n, v in zip(self.states, new_states, strict=True)},
+                {n: result(v) for n, v in zip(self.outputs, outputs, strict=True)})
 
     # -- the public entry point ----------------------------------------------------------------
     def apply(
@@ -141,8 +201,9 @@ class CompiledCell:
         ps = [p.to(dtype) for p in ps]
         h0s = [h.to(dtype) for h in h0s]
         name = COMPUTE_DTYPES[dtype]
-        iterations = DEFAULT_ITERATIONS[name] if iterations is None else _iterations(iterations)
-        tol = default_tol(name) if tol is None else _tol(tol)
+        iterations = (DEFAULT_ITERATIONS[name] if iterations is None
+                      else check_iterations(iterations))
+        tol = default_tol(name) if tol is None else check_tol(tol)
         if T == 0:
             empty = xs[0].new_empty(B, 0, D).to(in_dtype)
             return {n: empty for n in self.states + self.outputs}
@@ -171,19 +232,17 @@ class CompiledCell:
         if not self.inputs:
             raise ValueError(f"cell {self.name} has no inputs, so apply() cannot tell the "
                              "sequence length; declare an input")
-        _check_names("inputs", inputs, self.inputs, required=True)
-        _check_names("params", params, tuple(self.params), required=True)
+        check_names("inputs", inputs, self.inputs, required=True)
+        check_names("params", params, tuple(self.params), required=True)
         if h0 is not None:
-            _check_names("h0", h0, self.states, required=False)
-        xs = [_tensor(f"inputs[{n!r}]", inputs[n]) for n in self.inputs]
+            check_names("h0", h0, self.states, required=False)
+        xs = [tensor(f"inputs[{n!r}]", inputs[n]) for n in self.inputs]
         first = self.inputs[0]
         if xs[0].dim() != 3:
             raise ValueError(f"inputs[{first!r}] must have shape (B, T, D), got "
                              f"{tuple(xs[0].shape)}")
         B, T, D = xs[0].shape
-        if xs[0].dtype not in ACCEPTED_DTYPES:
-            raise TypeError(f"inputs[{first!r}] has dtype {xs[0].dtype}; expected float32, "
-                            "float64, float16 or bfloat16")
+        check_dtype(f"inputs[{first!r}]", xs[0].dtype)
         if D == 0:
             raise ValueError(f"inputs[{first!r}] has D = 0 channels")
 
@@ -194,7 +253,7 @@ class CompiledCell:
         h0s = []
         for n in self.states:
             if h0 is not None and n in h0:
-                h = _tensor(f"h0[{n!r}]", h0[n])
+                h = tensor(f"h0[{n!r}]", h0[n])
                 same(f"h0[{n!r}]", h, (B, D), "(B, D)")
             else:
                 h = xs[0].new_zeros(B, D)
@@ -296,23 +355,24 @@ class CompiledCell:
 
 
 def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str]) -> CompiledCell:
-    """A cell from pre-rendered module sources ("target/dtype" -> text), as written by
-    `paracompile build`: each source is materialised in the cache (content-addressed) and
-    imported, so numba's cache works for built modules too."""
-    from . import _cache
+    """A cell from its metadata (`CellMeta.to_dict`) and pre-rendered module sources
+    ("target/dtype" -> text), as written by `paracompile build`: each source is materialised
+    in the cache (content-addressed) and imported, so numba's cache works for built modules
+    too. Its layers pickle by these two arguments: unpickling needs no compiler either."""
+    info = CellMeta.from_dict(meta)
 
     def module(target: str, dtype: str) -> ModuleType:
         source = sources.get(f"{target}/{dtype}")
         if source is None:
-            raise NotImplementedError(f"cell {meta['name']} was built without {target} "
+            raise NotImplementedError(f"cell {info.name} was built without {target} "
                                       f"{dtype} kernels")
-        key = _cache.digest("built", source)
-        mod, _ = _cache.load_module(key, f"{meta['name'].lower()}_{target}_{dtype}",
-                                    lambda: source)
+        mod, _ = _cache.load_module(_cache.key("built", source),
+                                    f"{info.name.lower()}_{target}_{dtype}", lambda: source)
         return mod
 
     cached = functools.cache(module)
-    return CompiledCell(meta, cached, cached("torch", "any").torch_step)
+    return CompiledCell(info, cached, cached("torch", "any").torch_step,
+                        functools.partial(cell_from_sources, meta, sources))
 
 
 @torch.compiler.disable
@@ -366,23 +426,6 @@ def _counters(iterations: int, fallback: int) -> torch.Tensor:
     return torch.tensor([iterations, fallback], dtype=torch.int64)
 
 
-def _iterations(value: Any) -> int:
-    # bool is an int subclass: iterations=True is a mistake, not 1
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"iterations must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"iterations must be >= 0, got {value!r}")
-    return int(value)
-
-
-def _tol(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"tol must be a float, got {type(value).__name__} {value!r}")
-    if not value > 0:  # also rejects NaN
-        raise ValueError(f"tol must be positive, got {value!r}")
-    return float(value)
-
-
 def _flat(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view of a CPU tensor to read from (a contiguous copy if it is strided,
     expanded or sliced)."""
@@ -405,63 +448,6 @@ def _split_params(kinds: Mapping[str, str], ps: list[torch.Tensor]):
         else:
             vec.append(_flat(p.reshape(-1)))
     return vec, mats
-
-
-def _tensor(arg: str, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
-Check = Callable[[str, torch.Tensor, tuple[int, ...], str], None]
-
-
-def consistency_check(ref_arg: str, ref: torch.Tensor, **dims: int) -> Check:
-    """`same(arg, t, shape, shape_text)`: t has `shape` and the dtype and device of `ref`.
-
-    `dims` (B=..., D=...) are formatted only for an error message: formatting symbolic sizes
-    eagerly would make torch.compile guard on their values."""
-
-    def same(arg: str, t: torch.Tensor, shape: tuple[int, ...], shape_text: str) -> None:
-        if tuple(t.shape) != shape:
-            sizes = ", ".join(f"{k}={v}" for k, v in dims.items())
-            raise ValueError(f"{arg} must have shape {shape_text} = {shape} ({sizes} from "
-                             f"{ref_arg}), got {tuple(t.shape)}")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{arg} has dtype {t.dtype}, but {ref_arg} has {ref.dtype}; use "
-                            "one dtype for all tensors")
-        if t.device != ref.device:
-            raise ValueError(f"{arg} is on {t.device}, but {ref_arg} is on {ref.device}; put "
-                             "all tensors on one device")
-
-    return same
-
-
-def param_tensors(params: Mapping[str, Any], kinds: Mapping[str, str], D: int,
-                  same: Check) -> list[torch.Tensor]:
-    """The params in declaration order, each checked: (D,) vector, () scalar, (D, D) matrix."""
-    ps = []
-    for n, kind in kinds.items():
-        p = _tensor(f"params[{n!r}]", params[n])
-        shape, text = {"vector": ((D,), "(D,)"), "scalar": ((), "()"),
-                       "matrix": ((D, D), "(D, D)")}[kind]
-        same(f"params[{n!r}] ({kind})", p, shape, text)
-        ps.append(p)
-    return ps
-
-
-def _check_names(arg: str, given: Any, expected: tuple[str, ...], required: bool) -> None:
-    if not isinstance(given, Mapping):
-        raise TypeError(f"{arg} must be a dict of name -> tensor "
-                        f"({', '.join(expected) or 'none'}), got {type(given).__name__}")
-    unknown = [n for n in given if n not in expected]
-    if unknown:
-        raise ValueError(f"{arg}: unknown name(s) {', '.join(map(repr, unknown))}; expected "
-                         f"{', '.join(expected) or 'none'}")
-    missing = [n for n in expected if n not in given]
-    if required and missing:
-        raise ValueError(f"{arg}: missing {', '.join(map(repr, missing))} (expected "
-                         f"{', '.join(expected)})")
 
 
 # -- torch custom ops ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Structure detection (SPEC §3) and the symbolic derivatives, checked numerically against
+"""Structure detection (docs/structure.md) and the symbolic derivatives, checked numerically against
 torch autograd of the lambdified step."""
 
 from __future__ import annotations

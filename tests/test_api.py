@@ -1,4 +1,4 @@
-"""The public API of SPEC §4: `paracompile.load`, the attributes of a compiled cell, and
+"""The public API (docs/api.md): `paracompile.load`, the attributes of a compiled cell, and
 argument validation of `cell.apply` (every bad argument raises ValueError/TypeError naming
 the argument; nothing reaches a kernel). Validation runs before any kernel is compiled, so
 these tests are fast."""

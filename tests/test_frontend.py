@@ -1,4 +1,4 @@
-"""The Python frontend (SPEC §2): `trace` gives the same IR meaning as the `.cell` text."""
+"""The Python frontend (docs/api.md): `trace` gives the same IR meaning as the `.cell` text."""
 
 from __future__ import annotations
 

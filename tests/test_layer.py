@@ -1,4 +1,4 @@
-"""`cell.Layer` (the nn.Module) and `cell.step` (decoding), SPEC §4."""
+"""`cell.Layer` (the nn.Module) and `cell.step` (decoding), see docs/api.md."""
 
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def test_pickle_and_deepcopy(cells) -> None:
     x = torch.randn(2, 4, 6)
     buffer = io.BytesIO()
     torch.save(layer, buffer)  # by the cell's source: unpickling finds the class again
-    assert b"_layer_of_source" in buffer.getvalue()
+    assert layer.cell.meta.source.encode() in buffer.getvalue()
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     twin = copy.deepcopy(layer)

@@ -1,6 +1,6 @@
 """Tests of the pure-torch reference backend (`paracompile._reference`).
 
-The cells are written by hand here (from shared/reference-cells.md), so these tests depend on
+The cells are written by hand here (as in cells/*.cell), so these tests depend on
 nothing but torch: `newton` (parallel-in-time solve + adjoint backward) must agree with the
 plain `sequential` loop differentiated by autograd.
 """

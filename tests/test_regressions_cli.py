@@ -314,7 +314,7 @@ NUMBA_SOURCE = "from numba import njit\n\n\n@njit(cache=True)\ndef f(x):\n    re
 def test_damaged_numba_cache_is_recompiled(cache: Path, suffix: str, damage) -> None:  # noqa: ANN001
     """numba itself fails on every later call (UnpicklingError, EOFError) once a cache file
     is damaged; the kernels of a cached module discard the entry and compile again."""
-    key = _cache.digest("numba-test", str(uuid.uuid4()))
+    key = _cache.key("built", f"numba-test {uuid.uuid4()}")
 
     def fresh_f():  # noqa: ANN202
         forget_modules(cache)
