@@ -227,7 +227,7 @@ class CompiledCell:
         if B == 0 or T == 0:  # nothing to run: no kernels to load
             return ([xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
                     + [_counters(0, 0)])
-        states, outputs, stats = self._backend(target).forward(
+        states, outputs, stats = self._launcher(target).forward(
             self._module(target, xs[0].dtype), h0s, xs, ps, method=method,
             iterations=iterations, tol=tol)
         return [*states, *outputs, _counters(stats.iterations, stats.fallback)]
@@ -244,12 +244,12 @@ class CompiledCell:
         if B == 0 or T == 0:
             return ([h.new_zeros(h.shape) for h in h0s] + [x.new_zeros(x.shape) for x in xs]
                     + [p.new_zeros(p.shape) for p in ps])
-        g_h0s, g_xs, g_ps = self._backend(target).backward(
+        g_h0s, g_xs, g_ps = self._launcher(target).backward(
             self._module(target, xs[0].dtype), gs, gy, h0s, xs, ps, ss)
         return [*g_h0s, *g_xs, *g_ps]
 
     @staticmethod
-    def _backend(target: str) -> ModuleType:
+    def _launcher(target: str) -> ModuleType:
         """The launcher of `target`'s kernels (both have the interface of `_backend`)."""
         if target == "cpu":
             _check_fork_safe()
