@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 
-METHODS = ("auto", "sequential", "newton")
-BACKENDS = ("auto", "cpu", "cuda", "torch")
 # the dtypes kernels compute in; float16/bfloat16 are accepted and computed in float32
 COMPUTE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -2,7 +2,7 @@
 
 Given a loaded generated module and torch tensors, allocate the results, pick a launch
 configuration, launch, rerun non-converged sequences with the sequential kernel, and return
-results plus an info dict.
+results plus a `ForwardStats` (the interface `_cpu` has, see `_backend`).
 
 Two modes, chosen by numba's CUDA mode at import time of ``numba.cuda``:
 
@@ -23,21 +23,18 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _defaults
+from ._backend import ForwardStats
+
 WARP = 32
 MAX_THREADS = 1024
 DEFAULT_THREADS = 256  # max threads per block (one block per sequence (b, c))
-DEFAULT_TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 
 def _cuda():
     from numba import cuda
 
     return cuda
-
-
-def simulator_enabled() -> bool:
-    """True when numba's CUDA simulator is active (``NUMBA_ENABLE_CUDASIM=1``)."""
-    return bool(_cuda().config.ENABLE_CUDASIM)
 
 
 def _torch_dtype(module) -> torch.dtype:
@@ -73,6 +70,8 @@ class _Ctx:
 
     def __init__(self, module, ref: torch.Tensor):
         self.cuda = _cuda()
+        # the mode numba.cuda was imported in (fixed then), which the module must match;
+        # `_defaults.simulator_enabled` is what the user asks for, read before numba loads
         self.sim = bool(self.cuda.config.ENABLE_CUDASIM)
         if self.sim != bool(module.CUDA_SIMULATOR):
             raise RuntimeError(
@@ -141,21 +140,22 @@ def _check(module, h0s, xs, ps):
 
 
 def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
-            ps: Sequence[torch.Tensor], *, method: str = "newton", iterations: int = 3,
-            tol: float | None = None, chunk: int | None = None, threads: int | None = None):
+            ps: Sequence[torch.Tensor], *, method: str = "auto", iterations: int | None = None,
+            tol: float | None = None, chunk: int | None = None, threads: int | None = None,
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], ForwardStats]:
     """Run the forward recurrence.
 
     h0s: k tensors (B, D); xs: m tensors (B, T, D); ps: q tensors (D,) or ().
     method: "newton" (fused parallel Newton, non-converged sequences rerun sequentially),
-    "sequential" (one thread per (b, c)) or "auto" (sequential for T <= 32).
+    "sequential" (one thread per (b, c)) or "auto" (see `_defaults.auto_method`).
+    iterations: Newton's (default `_defaults.default_iterations`).
     tol: bound on the normwise relative residual of the returned iterate, per sequence
-    (b, c) and state: max_t |h_t - f(h_{t-1}, x_t)| <= tol * max_t |h_t| (default 1e-6 for
-    float32, 1e-12 for float64; see docs/numerics.md).
+    (b, c) and state: max_t |h_t - f(h_{t-1}, x_t)| <= tol * max_t |h_t| (default
+    `_defaults.default_tol`; see docs/numerics.md).
+    chunk, threads: the launch configuration (default `launch_config`'s).
 
-    Returns (states: k tensors (B, T, D), outputs: o tensors (B, T, D), info) where info has
-    method, iterations (max over sequences of the Newton updates done), fallback (number of
-    sequences (b, c) rerun sequentially), residual (max relative residual before fallback),
-    threads, chunk.
+    Returns (states: k tensors (B, T, D), outputs: o tensors (B, T, D), stats), where
+    stats.fallback counts sequences (b, c) rerun sequentially.
     """
     _check(module, h0s, xs, ps)
     B, T, D = xs[0].shape if xs else (h0s[0].shape[0], 0, h0s[0].shape[1])
@@ -163,19 +163,15 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
     k, o = module.CUDA_K, module.CUDA_O
     states = [ctx.empty(B, T, D) for _ in range(k)]
     outputs = [ctx.empty(B, T, D) for _ in range(o)]
-    info = {"method": method, "iterations": 0, "fallback": 0, "residual": 0.0,
-            "threads": 0, "chunk": 0}
-    if method == "auto":
-        method = "sequential" if T <= 32 else "newton"
-        info["method"] = method
-    if method not in ("newton", "sequential"):
-        raise ValueError(f"method must be 'newton', 'sequential' or 'auto', got {method!r}")
+    method = _defaults.resolve_method(method, "cuda", dense=False)
+    stats = ForwardStats(method)
     if B * D == 0 or T == 0:
-        return states, outputs, info
+        return states, outputs, stats
+    iterations = _defaults.default_iterations(ctx.dtype) if iterations is None else iterations
     iterations = int(iterations)
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
-    tol = DEFAULT_TOL[ctx.dtype] if tol is None else float(tol)
+    tol = _defaults.default_tol(ctx.dtype) if tol is None else float(tol)
     args = ([ctx.view(t) for t in h0s] + [ctx.view(t) for t in xs]
             + [ctx.param(t) for t in ps])
     outs = [ctx.view(t) for t in states + outputs]
@@ -183,23 +179,22 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
     if method == "sequential":
         idx = torch.arange(B * D, dtype=torch.int32, device=ctx.device)
         _run_sequential(module, ctx, idx, args, outs, (B, T, D))
-        return states, outputs, info
+        return states, outputs, stats
 
     nthr, chunk = launch_config(T, chunk=chunk, threads=threads)
-    info["threads"], info["chunk"] = nthr, chunk
     status = ctx.empty(B, D, dtype=torch.int32)
     resid = ctx.empty(B, D)
     ctx.launch(module.newton_kernel, B * D, nthr, *args, *outs, ctx.view(status),
                ctx.view(resid), B, T, D, chunk, iterations, tol)
     status_h = status.cpu()  # synchronises the stream
     bad = (status_h < 0).flatten().nonzero().flatten()
-    info["iterations"] = iterations if bad.numel() else int(status_h.max())
-    info["fallback"] = int(bad.numel())
-    info["residual"] = float(resid.max())
+    stats = ForwardStats(method, iterations=iterations if bad.numel() else int(status_h.max()),
+                         fallback=int(bad.numel()), residual=float(resid.max()), chunk=chunk,
+                         threads=nthr)
     if bad.numel():
         idx = bad.to(torch.int32).to(ctx.device)
         _run_sequential(module, ctx, idx, args, outs, (B, T, D))
-    return states, outputs, info
+    return states, outputs, stats
 
 
 def _run_sequential(module, ctx, idx: torch.Tensor, args, outs, shape):
@@ -213,12 +208,13 @@ def backward(module, g_states: Sequence[torch.Tensor | None],
              g_outputs: Sequence[torch.Tensor | None], h0s: Sequence[torch.Tensor],
              xs: Sequence[torch.Tensor], ps: Sequence[torch.Tensor],
              states: Sequence[torch.Tensor], *, method: str = "parallel",
-             chunk: int | None = None, threads: int | None = None):
+             chunk: int | None = None, threads: int | None = None,
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Gradients of sum(g_states * states) + sum(g_outputs * outputs).
 
     g_states: k tensors (B, T, D) (None means zeros); g_outputs: o tensors (B, T, D) or None;
     states: the forward states.  method: "parallel" (fused reverse-time reduction, one block
-    per (b, c)), "sequential" (one thread per (b, c)) or "auto" (sequential for T <= 32).
+    per (b, c)) or "sequential" (one thread per (b, c)).
     Returns (g_h0s: k (B, D), g_xs: m (B, T, D), g_ps: q tensors shaped like ps).
     """
     _check(module, h0s, xs, ps)
@@ -236,8 +232,6 @@ def backward(module, g_states: Sequence[torch.Tensor | None],
     g_xs = [ctx.zeros(B, T, D) for _ in range(m)]
     g_parts = [ctx.zeros(B, D) for _ in range(q)]
     if B * D and T:
-        if method == "auto":
-            method = "sequential" if T <= 32 else "parallel"
         args = ([ctx.view(t) for t in g_states] + [ctx.view(t) for t in g_outputs]
                 + [ctx.view(t) for t in h0s] + [ctx.view(t) for t in xs]
                 + [ctx.param(t) for t in ps] + [ctx.view(t) for t in states]
@@ -251,7 +245,7 @@ def backward(module, g_states: Sequence[torch.Tensor | None],
             ctx.launch(module.backward_sequential_kernel, (B * D + block - 1) // block, block,
                        *args, B, T, D)
         else:
-            raise ValueError(f"method must be 'parallel', 'sequential' or 'auto', got {method!r}")
+            raise ValueError(f"method must be 'parallel' or 'sequential', got {method!r}")
     g_ps = []
     for part, kind, p in zip(g_parts, module.CUDA_PARAM_KINDS, ps, strict=True):
         g = part.sum(0) if kind == "vector" else part.sum()

@@ -15,14 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import (
-    BACKENDS,
-    METHODS,
-    check_choice,
-    check_layer_dtype,
-    check_layer_x,
-    positive_int,
-)
+from ._checks import check_choice, check_layer_dtype, check_layer_x, positive_int
+from ._defaults import BACKENDS, METHODS
 
 if TYPE_CHECKING:
     from ._runtime import CompiledCell

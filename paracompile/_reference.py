@@ -21,7 +21,7 @@ Shapes used throughout: B batch, T time, D channels, k states.
   and an exact backward (the adjoint recurrence, solved by the same reduction reversed).
 * :func:`adjoint` — that backward as a plain function, with the signature of the ops'
   ``backward`` (for checking compiled backward kernels directly).
-* helpers: :func:`zeros_h0`, :func:`default_tol`, :func:`scale_floor`, :func:`residual`,
+* helpers: :func:`zeros_h0`, :func:`scale_floor`, :func:`residual`,
   :func:`jacobians`, :func:`affine_scan`.
 """
 
@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ._defaults import default_iterations, default_tol
+
 __all__ = [
     "Step",
     "NewtonInfo",
@@ -44,7 +46,6 @@ __all__ = [
     "newton",
     "adjoint",
     "zeros_h0",
-    "default_tol",
     "scale_floor",
     "residual",
     "jacobians",
@@ -54,8 +55,6 @@ __all__ = [
 Tensors = tuple[Tensor, ...]
 Step = Callable[[Tensors, Tensors, Tensors], tuple[Sequence[Tensor], Sequence[Tensor]]]
 
-#: Default residual tolerance = ``TOL_FACTOR * finfo(dtype).eps`` (relative: see `residual`).
-TOL_FACTOR = 16.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,13 +69,6 @@ def zeros_h0(num_states: int, like: Tensor) -> Tensors:
                          f"got {tuple(like.shape)}")
     B, D = like.shape[0], like.shape[-1]
     return tuple(like.new_zeros(B, D) for _ in range(num_states))
-
-
-def default_tol(dtype: torch.dtype) -> float:
-    """The default relative residual tolerance of :func:`newton` for ``dtype``:
-    ``TOL_FACTOR * eps`` (float32: 1.9e-6, float64: 3.6e-15). Converged iterates of
-    well-behaved cells sit at about 1-3 eps."""
-    return TOL_FACTOR * torch.finfo(dtype).eps
 
 
 def _check(h0: Sequence[Tensor], inputs: Sequence[Tensor],
@@ -342,7 +334,7 @@ class NewtonInfo:
     after each iteration; ``residual`` is the last one.
     """
 
-    requested: int = 3
+    requested: int
     tol: float = 0.0
     iterations: int = 0
     converged: bool = False
@@ -443,7 +435,7 @@ class _NewtonFunction(torch.autograd.Function):
 
 
 def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
-           params: Sequence[Tensor], *, dense: bool, iterations: int = 3,
+           params: Sequence[Tensor], *, dense: bool, iterations: int | None = None,
            tol: float | None = None,
            max_iterations: int | None = None) -> tuple[Tensors, Tensors, NewtonInfo]:
     """The ParaRNN parallel-in-time solve of the recurrence of :func:`sequential`.
@@ -463,7 +455,8 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
         max_t |h_t - f(h_{t-1}, x_t)| <= tol * max(max_t |h_t|, scale_floor)
 
     (normwise relative per channel: a channel whose states are all tiny is held to the same
-    relative accuracy as a large one; ``tol`` defaults to :func:`default_tol` of the dtype).
+    relative accuracy as a large one; ``tol`` and ``iterations`` default to
+    `_defaults.default_tol` and `_defaults.default_iterations` of the dtype).
     Newton stops as soon as every sequence has converged; it keeps iterating past
     ``iterations`` while some has not. Iteration n makes h_0..h_{n-1} exact, so T iterations
     suffice in exact arithmetic; the sequences that ``max_iterations`` (default T + 2; the
@@ -479,6 +472,8 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
     o × (B, T, D) and a :class:`NewtonInfo`.
     """
     h0, inputs, params, B, T, D = _check(h0, inputs, params)
+    if iterations is None:
+        iterations = default_iterations(inputs[0].dtype)
     if iterations < 0:
         raise ValueError(f"iterations: expected >= 0, got {iterations}")
     if tol is None:

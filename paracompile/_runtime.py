@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import _cache, _reference
+from . import _cache, _cpu, _cuda, _reference
 from ._checks import (
-    BACKENDS,
     COMPUTE_DTYPES,
-    METHODS,
+    check_choice,
     check_dtype,
     check_iterations,
     check_names,
@@ -31,25 +29,21 @@ from ._checks import (
     param_tensors,
     tensor,
 )
+from ._defaults import (
+    BACKENDS,
+    METHODS,
+    auto_backend,
+    default_iterations,
+    default_tol,
+    resolve_method,
+    simulator_enabled,
+)
 from ._layer import layer_class
 from ._meta import CellMeta
-
-DEFAULT_ITERATIONS = {"float32": 3, "float64": 5}
-DEFAULT_TIME_CHUNK = 128
 
 # (target, dtype) -> generated module; supplied by the driver (render + cache) or a built file
 ModuleProvider = Callable[[str, str], ModuleType]
 _MODULE_LOCK = threading.Lock()
-
-
-def default_tol(dtype: str) -> float:
-    """Newton's relative residual tolerance (16 eps): per sequence, channel and state,
-    max_t |h_t - f(h_{t-1})| <= tol * max_t |h_t| (see docs/numerics.md)."""
-    return 16.0 * float(np.finfo(dtype).eps)
-
-
-def simulator_enabled() -> bool:
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
 @dataclass
@@ -201,7 +195,7 @@ class CompiledCell:
         ps = [p.to(dtype) for p in ps]
         h0s = [h.to(dtype) for h in h0s]
         name = COMPUTE_DTYPES[dtype]
-        iterations = (DEFAULT_ITERATIONS[name] if iterations is None
+        iterations = (default_iterations(name) if iterations is None
                       else check_iterations(iterations))
         tol = default_tol(name) if tol is None else check_tol(tol)
         if T == 0:
@@ -261,13 +255,10 @@ class CompiledCell:
         return xs, ps, h0s, B, T, D
 
     def _choose(self, method: str, backend: str, x: torch.Tensor) -> tuple[str, str]:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("method", method, METHODS)
+        check_choice("backend", backend, BACKENDS)
         if backend == "auto":
-            # dense cells have no CUDA kernels yet: their reference loop runs on the GPU
-            backend = ("torch" if self.dense else "cuda") if x.is_cuda else "cpu"
+            backend = auto_backend(on_cuda=x.is_cuda, dense=self.dense)
         if backend == "cpu" and x.is_cuda:
             raise ValueError("backend='cpu' needs CPU tensors; the inputs are on "
                              f"{x.device} (use backend='cuda' or 'auto')")
@@ -278,9 +269,7 @@ class CompiledCell:
             raise NotImplementedError(f"cell {self.name} is dense (it has a matrix parameter): "
                                       "the CUDA backend does not support it yet; use "
                                       "backend='cpu' or 'torch'")
-        if method == "auto":
-            method = "newton" if (backend == "cuda" and not self.dense) else "sequential"
-        return method, backend
+        return resolve_method(method, backend, dense=self.dense), backend
 
     # -- kernels behind the ops ----------------------------------------------------------------
     def _module(self, target: str, dtype: torch.dtype) -> ModuleType:
@@ -292,27 +281,13 @@ class CompiledCell:
     def _run_forward(self, h0s, xs, ps, method, target, iterations, tol) -> list[torch.Tensor]:
         """The results, then an int64 tensor (Newton iterations, sequences that fell back)."""
         B, T, D = xs[0].shape
-        dtype = xs[0].dtype
-        outs = [xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
-        if B == 0 or T == 0:
-            return [*outs, _counters(0, 0)]
-        module = self._module(target, dtype)
-        if target == "cpu":
-            _check_fork_safe()
-            vec, mats = _split_params(self.params, ps)
-            done, fallback = module.forward(
-                [_flat(h) for h in h0s], [_flat(x) for x in xs], vec, mats,
-                [_out(o) for o in outs[: len(self.states)]],
-                [_out(o) for o in outs[len(self.states):]],
-                B, T, D, method, iterations, tol, DEFAULT_TIME_CHUNK)
-        else:
-            from . import _cuda
-
-            states, outputs, info = _cuda.forward(
-                module, h0s, xs, ps, method=method, iterations=iterations, tol=tol)
-            outs = [*states, *outputs]
-            done, fallback = info["iterations"], info["fallback"]
-        return [*outs, _counters(done, fallback)]
+        if B == 0 or T == 0:  # nothing to run: no kernels to load
+            return ([xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
+                    + [_counters(0, 0)])
+        states, outputs, stats = self._launcher(target).forward(
+            self._module(target, xs[0].dtype), h0s, xs, ps, method=method,
+            iterations=iterations, tol=tol)
+        return [*states, *outputs, _counters(stats.iterations, stats.fallback)]
 
     def _count(self, iterations: int, fallback: int) -> None:
         with self._stats_lock:
@@ -326,32 +301,17 @@ class CompiledCell:
         if B == 0 or T == 0:
             return ([h.new_zeros(h.shape) for h in h0s] + [x.new_zeros(x.shape) for x in xs]
                     + [p.new_zeros(p.shape) for p in ps])
-        module = self._module(target, xs[0].dtype)
+        g_h0s, g_xs, g_ps = self._launcher(target).backward(
+            self._module(target, xs[0].dtype), gs, gy, h0s, xs, ps, ss)
+        return [*g_h0s, *g_xs, *g_ps]
+
+    @staticmethod
+    def _launcher(target: str) -> ModuleType:
+        """The launcher of `target`'s kernels (both have the interface of `_backend`)."""
         if target == "cpu":
             _check_fork_safe()
-            # fresh contiguous buffers: the kernels write through flat views of them (an
-            # input's layout, e.g. transposed, must not leak into its gradient's buffer)
-            gh0 = [h.new_empty(h.shape) for h in h0s]
-            gx = [x.new_empty(x.shape) for x in xs]
-            vec, mats = _split_params(self.params, ps)
-            gpp = [np.empty(B * D, v.dtype) for v in vec]
-            gm = [np.zeros((B, D, D), m.dtype) for m in mats]
-            module.backward([_flat(g) for g in gs], [_flat(g) for g in gy],
-                            [_flat(h) for h in h0s], [_flat(x) for x in xs], vec, mats,
-                            [_flat(s) for s in ss], [_out(g) for g in gh0],
-                            [_out(g) for g in gx], gpp, gm, B, T, D)
-            gps, vi, mi = [], iter(gpp), iter(gm)
-            for kind in self.params.values():
-                if kind == "matrix":
-                    gps.append(torch.from_numpy(next(mi).sum(axis=0)))
-                else:
-                    partial = torch.from_numpy(next(vi).reshape(B, D))
-                    gps.append(partial.sum(0) if kind == "vector" else partial.sum())
-            return [*gh0, *gx, *gps]
-        from . import _cuda
-
-        gh0, gx, gps = _cuda.backward(module, gs, gy, h0s, xs, ps, ss)
-        return [*gh0, *gx, *gps]
+            return _cpu
+        return _cuda
 
 
 def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str]) -> CompiledCell:
@@ -426,28 +386,6 @@ def _counters(iterations: int, fallback: int) -> torch.Tensor:
     return torch.tensor([iterations, fallback], dtype=torch.int64)
 
 
-def _flat(t: torch.Tensor) -> np.ndarray:
-    """A flat numpy view of a CPU tensor to read from (a contiguous copy if it is strided,
-    expanded or sliced)."""
-    return t.detach().contiguous().reshape(-1).numpy()
-
-
-def _out(t: torch.Tensor) -> np.ndarray:
-    """A flat numpy view of a tensor the kernels write into: it must be contiguous, or the
-    writes would go to a copy."""
-    if not t.is_contiguous():
-        raise AssertionError("paracompile: a kernel output buffer is not contiguous")
-    return t.detach().view(-1).numpy()
-
-
-def _split_params(kinds: Mapping[str, str], ps: list[torch.Tensor]):
-    vec, mats = [], []
-    for kind, p in zip(kinds.values(), ps, strict=True):
-        if kind == "matrix":
-            mats.append(p.detach().contiguous().numpy())
-        else:
-            vec.append(_flat(p.reshape(-1)))
-    return vec, mats
 
 
 # -- torch custom ops ------------------------------------------------------------------------

@@ -367,6 +367,7 @@ def _maxdiff(a_list, b_list) -> float:
 
 
 def run_case(case: dict) -> dict:
+    import dataclasses
     import time
 
     from paracompile import _cuda
@@ -393,7 +394,7 @@ def run_case(case: dict) -> dict:
     # reference in float64 on the same (rounded) data
     h64, x64, p64 = ([t.to(torch.float64) for t in v] for v in (h0s, xs, ps))
     ref_s, ref_y = torch_forward(spec, h64, x64, p64)
-    res = {"name": case["name"], "info": info, "t_fwd": t_fwd,
+    res = {"name": case["name"], "info": dataclasses.asdict(info), "t_fwd": t_fwd,
            "err_states": _maxdiff(states, ref_s), "err_outputs": _maxdiff(outputs, ref_y),
            "states_finite": all(bool(torch.isfinite(s).all()) for s in states)}
     if case.get("backward", True):

@@ -38,7 +38,7 @@ from conftest import (
 )
 
 import paracompile
-from paracompile import _runtime
+from paracompile._defaults import default_tol
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 METHODS = ("sequential", "newton")
@@ -329,7 +329,7 @@ def test_opcheck_forward(name, method):
     cell = shipped(name)
     h0, xs, ps = op_args(cell)
     torch.library.opcheck(cell._forward_op,
-                          (h0, xs, ps, method, "cpu", 5, _runtime.default_tol("float64")))
+                          (h0, xs, ps, method, "cpu", 5, default_tol("float64")))
 
 
 @pytest.mark.parametrize("name", OPCHECK_CELLS)

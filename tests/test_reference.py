@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from paracompile import _reference as R
+from paracompile._defaults import default_tol
 
 F64, F32 = torch.float64, torch.float32
 
@@ -197,7 +198,7 @@ def test_zeros_h0_and_residual():
     bad = (states[0], states[1].clone())
     bad[1][1, 4, 2] += 0.25
     assert R.residual(cell.step, h0, xs, ps, bad) > 0.1
-    assert R.default_tol(F32) == 16 * torch.finfo(F32).eps
+    assert default_tol(F32) == default_tol("float32") == 16 * torch.finfo(F32).eps
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # conftest and paracompile, also a
 from conftest import CELLS_DIR, make_case, max_rel_err, shipped  # noqa: E402
 
 import paracompile  # noqa: E402
+from paracompile._defaults import default_tol  # noqa: E402
 
 # h' = tanh(0.99 h + x) with x ~ 1e-8: the states stay around 1e-7, so a residual scaled by
 # 1 + |h| accepts the initial guess f(0, x_t) = tanh(x_t), which is 99% off.
@@ -155,8 +156,8 @@ def test_newton_tiny_states_relative_accuracy(backend, dtype):
     seq = cell.apply(xs, ps, h0, method="sequential", backend=backend)["h"]
     new = cell.apply(xs, ps, h0, method="newton", backend=backend)["h"]
     assert float(seq[:, :, 1:].abs().max()) < 1e-5  # the states are tiny ...
-    assert per_channel_rel_err(new, seq) <= 100 * paracompile._runtime.default_tol(
-        str(dtype).split(".")[1])  # ... and still accurate relative to their size
+    # ... and still accurate relative to their size
+    assert per_channel_rel_err(new, seq) <= 100 * default_tol(dtype)
     assert cell.stats.calls == 1
 
 
@@ -339,8 +340,7 @@ def cudasim_cases() -> dict[str, float]:
         xs, ps, h0 = tiny_case(B=2, T=40, D=2, dtype=dtype)
         seq = cell.apply(xs, ps, h0, method="sequential", backend="cuda")["h"]
         new = cell.apply(xs, ps, h0, method="newton", backend="cuda")["h"]
-        results[f"tiny {dtype}"] = per_channel_rel_err(new, seq) / paracompile._runtime.default_tol(
-            str(dtype).split(".")[1])
+        results[f"tiny {dtype}"] = per_channel_rel_err(new, seq) / default_tol(dtype)
     cell = shipped("paragru")
     xs, ps, h0 = make_case(cell, 0, 5, 3, requires_grad=True)
     out = cell.apply(xs, ps, h0, method="newton", backend="cuda")

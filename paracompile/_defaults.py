@@ -1,0 +1,86 @@
+"""Every default of the run-time side, defined once: Newton's tolerance and iteration count,
+the CPU kernels' time chunk, the CUDA simulator switch, and the "auto" method and backend.
+
+`cell.apply`, the CPU and CUDA launchers (`_cpu`, `_cuda`) and the torch reference
+(`_reference`) all read them from here. Imports neither torch nor numba.
+"""
+
+from __future__ import annotations
+
+import os
+
+METHODS = ("auto", "sequential", "newton")
+"""The values of `cell.apply(method=...)`."""
+
+BACKENDS = ("auto", "cpu", "cuda", "torch")
+"""The values of `cell.apply(backend=...)`."""
+
+DEFAULT_ITERATIONS: dict[str, int] = {"float32": 3, "float64": 5}
+"""Newton iterations before the sequences that have not converged are recomputed by the
+sequential kernel, per compute dtype: three reach float32 precision on well-behaved cells
+(see docs/numerics.md); float64 needs a few more."""
+
+TOL_FACTOR = 16.0
+"""Newton's default relative residual tolerance, in machine epsilons of the dtype."""
+
+CPU_TIME_CHUNK = 128
+"""Time steps per parallel task of the CPU Newton kernels: each task composes the affine maps
+of its chunk, so longer chunks mean fewer tasks and a shorter carry across chunks."""
+
+# the machine epsilons (torch.finfo(dtype).eps), by dtype name: no torch import needed
+_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23,
+        "float64": 2.0 ** -52}
+
+
+def _dtype_name(dtype: object) -> str:
+    # "float32", torch.float32 and numpy.dtype("float32") all name the same dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _EPS:
+        raise ValueError(f"dtype must be a floating-point dtype "
+                         f"({', '.join(_EPS)}), got {dtype!r}")
+    return name
+
+
+def default_tol(dtype: object) -> float:
+    """Newton's relative residual tolerance for `dtype` (a name or a torch/numpy dtype):
+    ``TOL_FACTOR * eps`` (float32: 1.9e-6, float64: 3.6e-15). A sequence has converged when,
+    per channel and state, max_t |h_t - f(h_{t-1})| <= tol * max_t |h_t| (see
+    docs/numerics.md); converged iterates of well-behaved cells sit at about 1-3 eps."""
+    return TOL_FACTOR * _EPS[_dtype_name(dtype)]
+
+
+def default_iterations(dtype: object) -> int:
+    """`DEFAULT_ITERATIONS` of `dtype` (a name or a torch/numpy dtype; float16 and bfloat16
+    compute in float32)."""
+    name = _dtype_name(dtype)
+    return DEFAULT_ITERATIONS.get(name, DEFAULT_ITERATIONS["float32"])
+
+
+def simulator_enabled() -> bool:
+    """True when the user asked for numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM`` set and
+    not "0"): backend="cuda" then runs on CPU tensors. Read from the environment, so asking
+    does not import numba."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def auto_backend(*, on_cuda: bool, dense: bool) -> str:
+    """backend="auto": "cuda" for CUDA tensors ("torch" for a dense cell, which has no CUDA
+    kernels yet: its reference loop runs on the GPU), "cpu" otherwise."""
+    if on_cuda:
+        return "torch" if dense else "cuda"
+    return "cpu"
+
+
+def auto_method(backend: str, *, dense: bool) -> str:
+    """method="auto" on `backend`: Newton on CUDA (parallel in time pays off on a GPU at any
+    length), the sequential kernel elsewhere (on the CPU the parallelism over batch and
+    channels already fills the cores)."""
+    return "newton" if backend == "cuda" and not dense else "sequential"
+
+
+def resolve_method(method: str, backend: str, *, dense: bool) -> str:
+    """The method to run on `backend` ("cpu" or "cuda"): `method`, or `auto_method` for
+    "auto"; ValueError for anything else."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return auto_method(backend, dense=dense) if method == "auto" else method
