@@ -111,9 +111,10 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_imports_follow_the_pipeline():
     """_ir ← _parse ← _analyse ← _codegen ← _driver → _runtime → _layer: nothing imports
-    the driver's side from the runtime's, and the layer knows only the argument checks."""
+    the driver's side from the runtime's, and the layer knows only the argument checks and
+    the defaults."""
     assert "_driver" not in _closure({"_runtime"})
-    assert _closure({"_layer"}) <= {"_layer", "_checks"}
+    assert _closure({"_layer"}) <= {"_layer", "_checks", "_defaults"}
     assert not {"_codegen", "_driver", "_runtime"} & _closure({"_analyse", "_parse"})
 
 
