@@ -119,32 +119,33 @@ class abs(_Evaluable):  # noqa: N801,A001 - the cell language's abs
         return sign(self.args[0])
 
 
-class min(_Evaluable):  # noqa: N801,A001
+class _Extremum(_Evaluable):
+    """min or max of two arguments; derivative 1 for the argument that is the value (the
+    first on ties)."""
+
+    nargs = 2
+    is_real = True
+    _lattice: type[sp.Expr]  # sp.Min or sp.Max
+
+    def _builtin(self, a: sp.Expr, b: sp.Expr) -> sp.Expr:
+        return self._lattice(a, b)
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        a, b = self.args
+        lead = b - a if self._lattice is sp.Min else a - b  # > 0 where the first is the value
+        return step(lead) + ties(a, b) if argindex == 1 else step(-lead)
+
+
+class min(_Extremum):  # noqa: N801,A001
     """min(a, b); derivative 1 for the smaller argument (the first on ties)."""
 
-    nargs = 2
-    is_real = True
-
-    def _builtin(self, a: sp.Expr, b: sp.Expr) -> sp.Expr:
-        return sp.Min(a, b)
-
-    def fdiff(self, argindex: int = 1) -> sp.Expr:
-        a, b = self.args
-        return step(b - a) + ties(a, b) if argindex == 1 else step(a - b)
+    _lattice = sp.Min
 
 
-class max(_Evaluable):  # noqa: N801,A001
+class max(_Extremum):  # noqa: N801,A001
     """max(a, b); derivative 1 for the larger argument (the first on ties)."""
 
-    nargs = 2
-    is_real = True
-
-    def _builtin(self, a: sp.Expr, b: sp.Expr) -> sp.Expr:
-        return sp.Max(a, b)
-
-    def fdiff(self, argindex: int = 1) -> sp.Expr:
-        a, b = self.args
-        return step(a - b) + ties(a, b) if argindex == 1 else step(b - a)
+    _lattice = sp.Max
 
 
 class ties(_Evaluable):  # noqa: N801
