@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -18,6 +19,7 @@ import sympy as sp
 
 from ._errors import CellError
 from ._ir import CellIR, Equation, MatVec, primed, symbol
+from .functions import FUNCTIONS
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ def is_zero(expr: sp.Expr) -> bool:
 
 def _nonzero_somewhere(expr: sp.Expr, trials: int = 4) -> bool:
     symbols = sorted(expr.free_symbols, key=sp.default_sort_key)
-    fn = sp.lambdify(symbols, expr, modules=[NUMERIC_FUNCTIONS, "math"])
+    fn = sp.lambdify(symbols, expr, modules=[numeric_functions(), "math"])
     rng = random.Random(0)
     for trial in range(trials):
         low = 0.2 if trial % 2 == 0 else -1.3  # positive points keep log/sqrt in domain
@@ -216,22 +218,11 @@ def _nonzero_somewhere(expr: sp.Expr, trials: int = 4) -> bool:
     return False
 
 
-NUMERIC_FUNCTIONS = {
-    "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)),
-    "softplus": lambda x: math.log1p(math.exp(x)),
-    "relu": lambda x: max(x, 0.0),
-    "step": lambda x: 1.0 if x > 0 else 0.0,
-    "sign": lambda x: (x > 0) - (x < 0),
-    "abs": lambda x: x if x >= 0 else -x,
-    "min": lambda a, b: a if a <= b else b,
-    "max": lambda a, b: a if a >= b else b,
-    "ties": lambda a, b: 1.0 if a == b else 0.0,
-    "log1p": math.log1p,
-    "logsigmoid": lambda x: -(max(-x, 0.0) + math.log1p(math.exp(-abs(x)))),
-    "where": lambda c, a, b: a if c != 0 else b,
-    "greater": lambda a, b: 1.0 if a > b else 0.0,
-    "MatVec": lambda m, v: v,
-}
+def numeric_functions() -> dict[str, Callable[..., float]]:
+    """The pure-Python value of every registry function (and of ``MatVec``, whose operand
+    stands in for the product), for `sp.lambdify`."""
+    numeric = {name: f.numeric for name, f in FUNCTIONS.items() if f.numeric is not None}
+    return {**numeric, "MatVec": lambda m, v: v}
 
 
 def _largest_component(pattern: tuple[tuple[bool, ...], ...]) -> int:

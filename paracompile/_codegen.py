@@ -1,11 +1,10 @@
 """Lower an `Analysis` to the source of a numba module: print SymPy expressions as scalar
-functions (a `PythonCodePrinter` subclass and a table of known functions), then render the
-kernel skeletons (Jinja, StrictUndefined) around them.
+functions (`_printers.KernelPrinter`, from the function registry), then render the kernel
+skeletons (Jinja, StrictUndefined) around them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -14,121 +13,16 @@ from typing import Literal
 
 import jinja2
 import sympy as sp
-from sympy.printing.pycode import PythonCodePrinter
 
 from ._analyse import Analysis
-from ._ir import primed
 from ._meta import CellMeta
+from ._printers import KernelPrinter, fast_imports, known_functions, libm_helpers
 from .functions import where
 
 CHANNEL_BLOCK = 64  # channels per CPU task: long enough to vectorise, short enough to balance
 
 Target = Literal["cpu", "cuda", "cudasim"]
 DType = Literal["float32", "float64"]
-
-# name of a cell-language function -> how to print it: "{0}" is the first argument, etc.
-_COMMON_FUNCTIONS = {
-    "relu": "max({0}, ZERO)",
-    "step": "(ONE if {0} > ZERO else ZERO)",
-    "sign": "(ONE if {0} > ZERO else (-ONE if {0} < ZERO else ZERO))",
-    "abs": "abs({0})",
-    "min": "min({0}, {1})",
-    "max": "max({0}, {1})",
-    "ties": "(ONE if {0} == {1} else ZERO)",
-    "greater": "(ONE if {0} > {1} else ZERO)",
-    "where": "({1} if {0} != ZERO else {2})",  # a select: the untaken branch's NaN never leaks
-    "sqrt": "math.sqrt({0})",
-    "sin": "math.sin({0})",
-    "cos": "math.cos({0})",
-}
-# float32 on the CPU: vectorisable approximations (numba on PyPI has no SVML); see _fastmath
-_CPU_FLOAT32_FUNCTIONS = {
-    "exp": "exp_f32({0})",
-    "log": "log_f32({0})",
-    "log1p": "log1p_f32({0})",
-    "tanh": "tanh_f32({0})",
-    "sigmoid": "sigmoid_f32({0})",
-    "softplus": "softplus_f32({0})",
-    "logsigmoid": "logsigmoid_f32({0})",
-}
-# float64 on the CPU, and CUDA (libdevice): the math library
-_LIBM_FUNCTIONS = {
-    "exp": "math.exp({0})",
-    "log": "math.log({0})",
-    "log1p": "math.log1p({0})",
-    "tanh": "math.tanh({0})",
-    "sigmoid": "sigmoid_({0})",
-    "softplus": "softplus_({0})",
-    "logsigmoid": "(-softplus_(-({0})))",
-}
-
-
-def known_functions(target: Target, dtype: DType) -> dict[str, str]:
-    special = _CPU_FLOAT32_FUNCTIONS if (target == "cpu" and dtype == "float32") else (
-        _LIBM_FUNCTIONS)
-    return {**_COMMON_FUNCTIONS, **special}
-
-
-class KernelPrinter(PythonCodePrinter):
-    """Prints per-channel SymPy expressions as numba scalar code.
-
-    Numbers are wrapped in the kernel dtype (`F(0.5)`): a bare Python literal would promote a
-    float32 computation to float64 in numba and halve the vector width.
-    """
-
-    def __init__(self, names: dict[sp.Symbol, str], functions: dict[str, str]) -> None:
-        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
-        self._names = names
-        self._functions = functions
-
-    def _print_Symbol(self, expr: sp.Symbol) -> str:
-        return self._names[expr]
-
-    _print_Dummy = _print_Symbol
-
-    def _print_Function(self, expr: sp.Function) -> str:
-        name = type(expr).__name__
-        if name not in self._functions:
-            raise NotImplementedError(f"no kernel code for function {name!r}")
-        return self._functions[name].format(*(self._print(a) for a in expr.args))
-
-    # SymPy's own printers for these names would bypass the table
-    _print_tanh = _print_exp = _print_log = _print_log1p = _print_sin = _print_cos = (
-        _print_sign) = _print_Function
-
-    def _number(self, value: sp.Expr) -> str:
-        return f"F({float(value)!r})"
-
-    def _print_Integer(self, expr: sp.Integer) -> str:
-        return {0: "ZERO", 1: "ONE"}.get(int(expr), self._number(expr))
-
-    _print_Rational = _print_Float = _print_Half = _number
-    _print_NegativeOne = _print_Integer
-
-    def _print_Zero(self, expr: sp.Expr) -> str:
-        return "ZERO"
-
-    def _print_One(self, expr: sp.Expr) -> str:
-        return "ONE"
-
-    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
-        base, exp = expr.args
-        b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
-        if exp == 1:
-            return self._print(base)
-        if exp == -1:
-            return f"(ONE / {b})"
-        if exp == sp.Rational(1, 2):
-            return f"math.sqrt({self._print(base)})"
-        if exp == -sp.Rational(1, 2):
-            return f"(ONE / math.sqrt({self._print(base)}))"
-        if exp.is_Integer and 2 <= abs(int(exp)) <= 4:  # repeated products vectorise; pow may not
-            prod = " * ".join([b] * abs(int(exp)))
-            return f"({prod})" if exp > 0 else f"(ONE / ({prod}))"
-        return f"({b} ** {self._print(exp)})"
-
-    def _print_Heaviside(self, expr: sp.Expr) -> str:  # unused by our derivatives; safety
-        return f"(ONE if {self._print(expr.args[0])} > ZERO else ZERO)"
 
 
 @dataclass(frozen=True)
@@ -306,180 +200,8 @@ def render(analysis: Analysis, target: Target, dtype: DType, meta: CellMeta) -> 
         meta_repr=repr(meta.to_dict()),
         channel_block=CHANNEL_BLOCK,
         functions=scalar_functions(a, target, dtype),
+        fast_imports=fast_imports(target, dtype),
+        libm_helpers=libm_helpers(target, dtype),
         kernels=kernels,
         **context,
     )
-
-
-# -- the torch reference step ----------------------------------------------------------------
-
-# Names in the generated torch step are disjoint by construction: each of the user's names gets
-# a one-letter prefix and "_" (s_ states, x_ inputs, p_ params, i_ intermediates, n_ new
-# states, o_ outputs); no other name has "_" as its second character (torch, torch_step,
-# states, inputs, params, _like, _c0, ... and the helpers below).
-_TORCH_HELPERS = '''
-def _min(a, b):  # on ties the first argument, as the kernels' derivative of min
-    return torch.where(a <= b, a, b)
-
-
-def _max(a, b):
-    return torch.where(a >= b, a, b)
-
-
-def _greater(a, b):
-    return (a > b).to(a.dtype)
-
-
-def _ties(a, b):
-    return (a == b).to(a.dtype)
-
-
-def _gate(c, v):
-    # v, with its gradient kept only where c: the branch where() does not take may have NaN
-    # or inf derivatives there (sqrt, log out of their domain), and 0 * NaN would leak into v
-    return torch.where(c, v, v.detach())
-
-
-def _full(v, like):
-    # a result (a number, a () or (D,) tensor, or a (B, D) one) as a tensor shaped like `like`
-    if not isinstance(v, torch.Tensor):
-        return like.new_full(like.shape, v)
-    return v if v.shape == like.shape else v.expand(like.shape)
-'''
-
-_TORCH_FUNCTIONS = {
-    "sigmoid": "torch.sigmoid({0})",
-    "tanh": "torch.tanh({0})",
-    "exp": "torch.exp({0})",
-    "log": "torch.log({0})",
-    "log1p": "torch.log1p({0})",
-    "softplus": "torch.nn.functional.softplus({0})",
-    "logsigmoid": "torch.nn.functional.logsigmoid({0})",
-    "relu": "torch.relu({0})",
-    "abs": "torch.abs({0})",
-    "sqrt": "torch.sqrt({0})",
-    "sin": "torch.sin({0})",
-    "cos": "torch.cos({0})",
-    "min": "_min({0}, {1})",
-    "max": "_max({0}, {1})",
-    "greater": "_greater({0}, {1})",
-    "ties": "_ties({0}, {1})",
-}
-
-
-def _literal(expr: sp.Expr) -> str | None:
-    """A constant expression as a Python float literal; None if SymPy cannot evaluate it
-    (``sigmoid(1)``: torch computes it)."""
-    try:
-        value = float(expr)
-    except TypeError:
-        return None
-    if not math.isfinite(value):
-        return f'float("{value}")'
-    return repr(value) if value >= 0 else f"({value!r})"
-
-
-class TorchPrinter(PythonCodePrinter):
-    """Prints the cell's equations, as the user wrote them, as torch code (the reference).
-
-    Every function receives tensors (a constant argument becomes a 0-d tensor of the step's
-    dtype), so a function of constants is a tensor too. ``where`` is a select whose branches
-    are gated (`_gate`): each branch's values pass gradient only where it is taken. The
-    conditions are computed by statements (`setup`) printed before the equation.
-    """
-
-    def __init__(self, names: dict[str, str]) -> None:
-        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
-        self._names = names
-        self._gates: list[str] = []  # conditions of the where() branches being printed
-        self._conditions = 0
-        self.setup: list[str] = []
-
-    def _print(self, expr, **kwargs) -> str:  # noqa: ANN001 - SymPy's signature
-        if isinstance(expr, sp.Expr) and not expr.is_Number and not expr.free_symbols:
-            literal = _literal(expr)  # sqrt(2), exp(1), pi: Python floats, not math.*
-            if literal is not None:
-                return literal
-        return super()._print(expr, **kwargs)
-
-    def _gated(self, text: str) -> str:
-        for condition in self._gates:
-            text = f"_gate({condition}, {text})"
-        return text
-
-    def _print_Symbol(self, expr: sp.Symbol) -> str:
-        return self._gated(self._names[expr.name])
-
-    def _arg(self, expr: sp.Expr) -> str:
-        """A function argument, as a tensor (torch functions reject Python numbers)."""
-        literal = None if expr.free_symbols else _literal(expr)
-        return self._print(expr) if literal is None else f"_like.new_tensor({literal})"
-
-    def _print_Function(self, expr: sp.Function) -> str:
-        name = type(expr).__name__
-        if name == "MatVec":  # u[b, i] = sum_j M[i, j] v[b, j]
-            matrix, operand = expr.args
-            # gate the product, not its operand: the operand's channels are mixed
-            gates, self._gates = self._gates, []
-            text = f"(({self._print(operand)}) @ {self._print(matrix)}.T)"
-            self._gates = gates
-            return self._gated(text)
-        if name == "where":
-            return self._print_where(expr)
-        if name not in _TORCH_FUNCTIONS:
-            raise NotImplementedError(f"no torch code for function {name!r}")
-        return _TORCH_FUNCTIONS[name].format(*(self._arg(a) for a in expr.args))
-
-    def _print_where(self, expr: sp.Function) -> str:
-        c, a, b = expr.args
-        condition = f"_c{self._conditions}"
-        self._conditions += 1
-        gates, self._gates = self._gates, []  # the comparison has no gradient to gate
-        self.setup.append(f"{condition} = ({self._arg(c)}) != 0")
-        self._gates = [*gates, condition]
-        taken = self._arg(a)
-        self._gates = [*gates, f"~{condition}"]
-        other = self._arg(b)
-        self._gates = gates
-        return f"torch.where({condition}, {taken}, {other})"
-
-    _print_tanh = _print_exp = _print_log = _print_log1p = _print_sin = _print_cos = (
-        _print_Function)
-
-    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
-        return self._hprint_Pow(expr, rational=rational, sqrt="torch.sqrt")
-
-    def _print_Rational(self, expr: sp.Rational) -> str:
-        return repr(float(expr))
-
-    _print_Float = _print_Half = _print_Rational
-
-
-def torch_step_source(ir) -> str:
-    """`def torch_step(states, inputs, params) -> (new_states, outputs)` for the reference,
-    with the helpers it calls. Every result is a tensor shaped like the states."""
-    names = {s: f"s_{s}" for s in ir.states}
-    names.update({x: f"x_{x}" for x in ir.inputs})
-    names.update({p.name: f"p_{p.name}" for p in ir.params})
-    names.update({primed(s): f"n_{s}" for s in ir.states})
-    names.update({eq.target: ("i_" if eq.kind == "intermediate" else "o_") + eq.target
-                  for eq in ir.equations if eq.kind != "update"})
-    printer = TorchPrinter(names)
-    params = [p.name for p in ir.params]
-    lines = [
-        "def torch_step(states, inputs, params):",
-        f"    ({''.join(names[s] + ', ' for s in ir.states)}) = states",
-        f"    ({''.join(names[x] + ', ' for x in ir.inputs)}) = inputs",
-        f"    ({''.join(names[p] + ', ' for p in params)}) = params",
-        "    _like = states[0]  # the dtype, device and shape of every result",
-    ]
-    for eq in ir.equations:
-        target = names[primed(eq.target)] if eq.kind == "update" else names[eq.target]
-        code = printer.doprint(eq.expr)
-        lines += [f"    {statement}" for statement in printer.setup]
-        printer.setup.clear()
-        lines.append(f"    {target} = {code}")
-    new = "".join(f"_full({names[primed(s)]}, _like), " for s in ir.states)
-    outs = "".join(f"_full({names[y]}, _like), " for y in ir.outputs)
-    lines.append(f"    return ({new}), ({outs})")
-    return _TORCH_HELPERS.lstrip("\n") + "\n\n" + "\n".join(lines) + "\n"

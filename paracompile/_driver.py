@@ -346,7 +346,8 @@ def metadata(analysis, key: str) -> CellMeta:
 
 
 def render_module(analysis, meta: CellMeta, target: str, dtype: str) -> str:
-    from ._codegen import render, torch_step_source
+    from ._codegen import render
+    from ._printers import torch_step_source
 
     STAGE_COUNTS["render"] += 1
     if target == "torch":

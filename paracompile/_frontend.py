@@ -18,7 +18,7 @@ from sympy.core.relational import Relational
 from ._errors import CellError
 from ._ir import CellIR, Equation, MatVec, Param, Pos, symbol
 from ._parse import KEYWORDS, PARAM_KINDS
-from .functions import KNOWN_FUNCTIONS, indicator
+from .functions import cell_functions, indicator
 
 
 class MatrixParam(sp.Symbol):
@@ -36,7 +36,7 @@ def _names(value: str | Iterable[str], what: str) -> tuple[str, ...]:
     for n in names:
         if not isinstance(n, str) or not n.isidentifier():
             raise TypeError(f"{what}: expected names (str), got {n!r}")
-        if n in KNOWN_FUNCTIONS or n in KEYWORDS:
+        if n in cell_functions() or n in KEYWORDS:
             raise ValueError(f"{what}: {n!r} is a built-in function or keyword of the cell "
                              "language; choose another name")
     return names

@@ -161,12 +161,13 @@ class _CellPrinter(StrPrinter):
         return f"{self._print(expr.args[0])} @ ({self._print(expr.args[1])})"
 
     def _print_Function(self, expr: sp.Expr) -> str:
-        from .functions import KNOWN_FUNCTIONS
+        from .functions import cell_functions
 
         name = expr.func.__name__
-        if name not in KNOWN_FUNCTIONS or KNOWN_FUNCTIONS[name][1] != len(expr.args):
+        known = cell_functions()
+        if name not in known or known[name].arity != len(expr.args):
             raise ValueError(f"{name}() cannot be written in the .cell language "
-                             f"(known functions: {', '.join(sorted(KNOWN_FUNCTIONS))})")
+                             f"(known functions: {', '.join(sorted(known))})")
         return f"{name}({self.stringify(expr.args, ', ')})"
 
     def _print_greater(self, expr: sp.Expr) -> str:

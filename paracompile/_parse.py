@@ -19,7 +19,7 @@ from lark import Token, Tree
 
 from ._errors import CellError, CellWarning
 from ._ir import CellIR, Equation, Init, MatVec, Param, Pos, primed, symbol
-from .functions import KNOWN_FUNCTIONS, greater, ties
+from .functions import cell_functions, greater, ties
 
 PARAM_KINDS = ("vector", "scalar", "matrix")
 KEYWORDS = ("cell", "state", "input", "param", "const", "output")
@@ -198,7 +198,7 @@ class _Checker:
                 f"{name!r} is already declared as {self._a(self.kinds[name])} "
                 f"at line {previous.line}; each name is declared once",
             )
-        if name in KNOWN_FUNCTIONS:
+        if name in cell_functions():
             raise self.error(token, f"{name!r} is a built-in function; choose another name")
         if name in KEYWORDS:
             raise self.error(token, f"{name!r} is a keyword of the cell language; "
@@ -594,21 +594,22 @@ class _Checker:
         name_token, *arg_trees = node.children
         name = str(name_token)
         args = [a for a in arg_trees if a is not None]
-        if name not in KNOWN_FUNCTIONS:
+        known = cell_functions()
+        if name not in known:
             if name in self.kinds:
                 raise self.error(name_token, f"{name!r} is {self._a(self.kinds[name])}, "
                                  "not a function")
             raise self.error(
                 name_token,
-                f"unknown function {name!r}" + _suggest(name, list(KNOWN_FUNCTIONS))
-                + f" (known: {', '.join(sorted(KNOWN_FUNCTIONS))})",
+                f"unknown function {name!r}" + _suggest(name, list(known))
+                + f" (known: {', '.join(sorted(known))})",
             )
-        fn, arity = KNOWN_FUNCTIONS[name]
+        arity = known[name].arity
         if len(args) != arity:
             raise self.error(
                 name_token, f"{name}() takes {arity} argument{'s' * (arity > 1)}, got {len(args)}"
             )
-        return fn(*(self._convert(a) for a in args))  # type: ignore[operator]
+        return known[name].build(*(self._convert(a) for a in args))
 
     def _defined_later(self, name: str) -> int | None:
         """The line where `name` is declared or assigned, if anywhere (for a better error)."""

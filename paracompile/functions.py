@@ -7,6 +7,11 @@ Use them in cells written as Python functions (``@paracompile.cell``)::
 
 from __future__ import annotations
 
+import builtins
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import sympy as sp
 from sympy.codegen.cfunctions import log1p
 from sympy.core.relational import Relational
@@ -114,32 +119,33 @@ class abs(_Evaluable):  # noqa: N801,A001 - the cell language's abs
         return sign(self.args[0])
 
 
-class min(_Evaluable):  # noqa: N801,A001
+class _Extremum(_Evaluable):
+    """min or max of two arguments; derivative 1 for the argument that is the value (the
+    first on ties)."""
+
+    nargs = 2
+    is_real = True
+    _lattice: type[sp.Expr]  # sp.Min or sp.Max
+
+    def _builtin(self, a: sp.Expr, b: sp.Expr) -> sp.Expr:
+        return self._lattice(a, b)
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        a, b = self.args
+        lead = b - a if self._lattice is sp.Min else a - b  # > 0 where the first is the value
+        return step(lead) + ties(a, b) if argindex == 1 else step(-lead)
+
+
+class min(_Extremum):  # noqa: N801,A001
     """min(a, b); derivative 1 for the smaller argument (the first on ties)."""
 
-    nargs = 2
-    is_real = True
-
-    def _builtin(self, a: sp.Expr, b: sp.Expr) -> sp.Expr:
-        return sp.Min(a, b)
-
-    def fdiff(self, argindex: int = 1) -> sp.Expr:
-        a, b = self.args
-        return step(b - a) + ties(a, b) if argindex == 1 else step(a - b)
+    _lattice = sp.Min
 
 
-class max(_Evaluable):  # noqa: N801,A001
+class max(_Extremum):  # noqa: N801,A001
     """max(a, b); derivative 1 for the larger argument (the first on ties)."""
 
-    nargs = 2
-    is_real = True
-
-    def _builtin(self, a: sp.Expr, b: sp.Expr) -> sp.Expr:
-        return sp.Max(a, b)
-
-    def fdiff(self, argindex: int = 1) -> sp.Expr:
-        a, b = self.args
-        return step(a - b) + ties(a, b) if argindex == 1 else step(b - a)
+    _lattice = sp.Max
 
 
 class ties(_Evaluable):  # noqa: N801
@@ -255,26 +261,111 @@ sqrt = sp.sqrt
 sin = sp.sin
 cos = sp.cos
 
-# name in the cell language -> (callable building the SymPy expression, number of arguments)
-KNOWN_FUNCTIONS: dict[str, tuple[object, int]] = {
-    "sigmoid": (sigmoid, 1),
-    "tanh": (sp.tanh, 1),
-    "exp": (sp.exp, 1),
-    "log": (sp.log, 1),
-    "log1p": (log1p, 1),
-    "softplus": (softplus, 1),
-    "relu": (relu, 1),
-    "abs": (abs, 1),
-    "sqrt": (sp.sqrt, 1),
-    "sin": (sp.sin, 1),
-    "cos": (sp.cos, 1),
-    "min": (min, 2),
-    "max": (max, 2),
-    "silu": (silu, 1),
-    "logsigmoid": (logsigmoid, 1),
-    "clamp": (clamp, 3),
-    "where": (where, 3),
-}
+
+# -- the registry ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CellFunction:
+    """One function, spelled for every stage of the compiler (docs/internal-interfaces.md,
+    "Adding a function").
+
+    The code fields are `str.format` templates over the printed arguments ("{0}", "{1}", ...).
+    A function whose `build` is not a SymPy class expands into others (silu, clamp; sqrt is a
+    power) and has no code of its own.
+    """
+
+    name: str  # in the cell language; the SymPy class's ``__name__``
+    arity: int
+    build: Callable[..., sp.Expr]  # the SymPy class, or a builder of an expression of others
+    numeric: Callable[..., float] | None = None  # pure Python (math): `_analyse.is_zero`'s test
+    torch: str | None = None  # tensor code: the torch reference and backend "torch"
+    torch_helper: str = ""  # a Python function `torch` calls, defined in the torch module
+    libm: str | None = None  # numba scalar code: CPU float64, CPU float32 without `fast`, CUDA
+    libm_helper: str = ""  # ``def <name>_(...)``, a device function `libm`/`cuda` calls
+    fast: str | None = None  # CPU float32: a vectorisable `paracompile._fastmath` function
+    cuda: str | None = None  # CUDA (libdevice) code where it differs from `libm`
+    in_language: bool = True  # a .cell may call it; else only derivatives/comparisons build it
+
+    @property
+    def expands(self) -> bool:
+        return not isinstance(self.build, type)
+
+    def __post_init__(self) -> None:
+        code = (self.numeric, self.torch, self.libm)
+        if self.expands:
+            if any(c is not None for c in (*code, self.fast, self.cuda)):
+                raise ValueError(f"{self.name}: a builder has no code of its own")
+        elif any(c is None for c in code) or self.build.__name__ != self.name:
+            raise ValueError(f"{self.name}: a SymPy function needs numeric, torch and libm "
+                             "code and the class named like the function")
+
+
+FUNCTIONS: dict[str, CellFunction] = {f.name: f for f in (
+    CellFunction("sigmoid", 1, sigmoid, numeric=lambda x: 1.0 / (1.0 + math.exp(-x)),
+                 torch="torch.sigmoid({0})", libm="sigmoid_({0})",
+                 libm_helper="def sigmoid_(x):\n    return ONE / (ONE + math.exp(-x))",
+                 fast="sigmoid_f32"),
+    CellFunction("tanh", 1, sp.tanh, numeric=math.tanh, torch="torch.tanh({0})",
+                 libm="math.tanh({0})", fast="tanh_f32"),
+    CellFunction("exp", 1, sp.exp, numeric=math.exp, torch="torch.exp({0})",
+                 libm="math.exp({0})", fast="exp_f32"),
+    CellFunction("log", 1, sp.log, numeric=math.log, torch="torch.log({0})",
+                 libm="math.log({0})", fast="log_f32"),
+    CellFunction("log1p", 1, log1p, numeric=math.log1p, torch="torch.log1p({0})",
+                 libm="math.log1p({0})", fast="log1p_f32"),
+    CellFunction("softplus", 1, softplus, numeric=lambda x: math.log1p(math.exp(x)),
+                 torch="torch.nn.functional.softplus({0})", libm="softplus_({0})",
+                 libm_helper="def softplus_(x):\n"
+                             "    return max(x, ZERO) + math.log1p(math.exp(-abs(x)))",
+                 fast="softplus_f32"),
+    CellFunction("relu", 1, relu, numeric=lambda x: builtins.max(x, 0.0),
+                 torch="torch.relu({0})", libm="max({0}, ZERO)"),
+    CellFunction("abs", 1, abs, numeric=lambda x: x if x >= 0 else -x, torch="torch.abs({0})",
+                 libm="abs({0})"),
+    CellFunction("sqrt", 1, sp.sqrt),
+    CellFunction("sin", 1, sp.sin, numeric=math.sin, torch="torch.sin({0})",
+                 libm="math.sin({0})"),
+    CellFunction("cos", 1, sp.cos, numeric=math.cos, torch="torch.cos({0})",
+                 libm="math.cos({0})"),
+    # min/max: on ties the first argument, as their derivatives
+    CellFunction("min", 2, min, numeric=lambda a, b: a if a <= b else b, torch="_min({0}, {1})",
+                 torch_helper="def _min(a, b):\n    return torch.where(a <= b, a, b)",
+                 libm="min({0}, {1})"),
+    CellFunction("max", 2, max, numeric=lambda a, b: a if a >= b else b, torch="_max({0}, {1})",
+                 torch_helper="def _max(a, b):\n    return torch.where(a >= b, a, b)",
+                 libm="max({0}, {1})"),
+    CellFunction("silu", 1, silu),
+    CellFunction("logsigmoid", 1, logsigmoid,
+                 numeric=lambda x: -(builtins.max(-x, 0.0)
+                                     + math.log1p(math.exp(-builtins.abs(x)))),
+                 torch="torch.nn.functional.logsigmoid({0})", libm="(-softplus_(-({0})))",
+                 fast="logsigmoid_f32"),
+    CellFunction("clamp", 3, clamp),
+    # a select: the untaken branch's NaN never leaks (the torch printer gates its gradients)
+    CellFunction("where", 3, where, numeric=lambda c, a, b: a if c != 0 else b,
+                 torch="torch.where({0}, {1}, {2})", libm="({1} if {0} != ZERO else {2})"),
+    # built by derivatives and comparisons only
+    CellFunction("step", 1, step, numeric=lambda x: 1.0 if x > 0 else 0.0,
+                 torch="_greater({0}, 0)", libm="(ONE if {0} > ZERO else ZERO)",
+                 in_language=False),
+    CellFunction("sign", 1, sign, numeric=lambda x: (x > 0) - (x < 0), torch="torch.sign({0})",
+                 libm="(ONE if {0} > ZERO else (-ONE if {0} < ZERO else ZERO))",
+                 in_language=False),
+    CellFunction("ties", 2, ties, numeric=lambda a, b: 1.0 if a == b else 0.0,
+                 torch="_ties({0}, {1})",
+                 torch_helper="def _ties(a, b):\n    return (a == b).to(a.dtype)",
+                 libm="(ONE if {0} == {1} else ZERO)", in_language=False),
+    CellFunction("greater", 2, greater, numeric=lambda a, b: 1.0 if a > b else 0.0,
+                 torch="_greater({0}, {1})",
+                 torch_helper="def _greater(a, b):\n    return (a > b).to(a.dtype)",
+                 libm="(ONE if {0} > {1} else ZERO)", in_language=False),
+)}
+
+
+def cell_functions() -> dict[str, CellFunction]:
+    """The registry's functions a .cell may call, by name (read at each call, not cached)."""
+    return {name: f for name, f in FUNCTIONS.items() if f.in_language}
+
 
 __all__ = [
     "abs", "clamp", "cos", "exp", "greater", "indicator", "log", "log1p", "logsigmoid", "max",

@@ -12,10 +12,10 @@ import sympy as sp
 from _cell_cases import ERROR_CASES
 
 from paracompile import CellError, CellWarning
-from paracompile._analyse import NUMERIC_FUNCTIONS
+from paracompile._analyse import numeric_functions
 from paracompile._ir import CellIR, Equation, Init, MatVec, Pos, symbol
 from paracompile._parse import parse_cell
-from paracompile.functions import KNOWN_FUNCTIONS, log1p, sigmoid
+from paracompile.functions import cell_functions, log1p, sigmoid
 
 CELLS = sorted((Path(__file__).resolve().parent.parent / "cells").glob("*.cell"))
 S = symbol
@@ -177,7 +177,8 @@ x, y, z, h = S("x"), S("y"), S("z"), S("h")
     ("(W) @ h", MatVec(S("W"), h)),
     ("W @ (h * x + y)", MatVec(S("W"), h * x + y)),
     ("tanh(W @ -h)", sp.tanh(MatVec(S("W"), -h))),
-    ("max(x, y) - min(h, 1)", KNOWN_FUNCTIONS["max"][0](x, y) - KNOWN_FUNCTIONS["min"][0](h, 1)),
+    ("max(x, y) - min(h, 1)", cell_functions()["max"].build(x, y)
+     - cell_functions()["min"].build(h, 1)),
     ("silu(x)", x * sigmoid(x)),
     ("log1p(x)", log1p(x)),
     ("sqrt(x)", sp.sqrt(x)),
@@ -205,9 +206,9 @@ def test_consts_fold_exactly_and_may_be_exponents() -> None:
 
 
 def test_every_known_function_parses() -> None:
-    for name, (fn, arity) in KNOWN_FUNCTIONS.items():
-        args = ", ".join(["h", "x", "y"][:arity])
-        expected = fn(*[h, x, y][:arity])  # type: ignore[operator]
+    for name, f in cell_functions().items():
+        args = ", ".join(["h", "x", "y"][:f.arity])
+        expected = f.build(*[h, x, y][:f.arity])
         assert expr_of(f"{name}({args})", "input x, y\n") == expected, name
 
 
@@ -359,7 +360,7 @@ def test_to_source_of_a_traced_ir_with_floats() -> None:
     again = parse_cell(text, "t.cell").equations[0].expr
     assert sp.Rational(1, 10) * h in again.args  # the float 0.1 read back as the decimal 0.1
     original = sp.lambdify([x, h], ir.equations[0].expr, "math")
-    printed = sp.lambdify([x, h], again, [NUMERIC_FUNCTIONS, "math"])
+    printed = sp.lambdify([x, h], again, [numeric_functions(), "math"])
     for point in [(0.3, -1.2), (-2.0, 5.0), (1.5, 0.25), (3.0, 2.5)]:
         assert printed(*point) == pytest.approx(original(*point), rel=1e-15)
 

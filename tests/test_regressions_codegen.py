@@ -28,7 +28,7 @@ from conftest import max_rel_err
 
 import paracompile
 from paracompile._cli import main as cli_main
-from paracompile._codegen import KernelPrinter, TorchPrinter, known_functions
+from paracompile._printers import KernelPrinter, TorchPrinter, known_functions
 from paracompile.functions import (
     greater,
     log,
