@@ -103,3 +103,30 @@ def test_huge_const_analysis_is_quick(tmp_path) -> None:  # noqa: ANN001
                        cwd=ROOT, env=env, text=True, timeout=10, check=True)
     except subprocess.TimeoutExpired:
         pytest.fail("loading the cell took over 10 s (normally under 1 s)")
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError,
+                   reason="a coefficient SymPy folds beyond the float range (10**600 here) is "
+                          "printed as a Python int: the torch step fails with 'int too big to "
+                          "convert' instead of a CellError (or inf, as float arithmetic gives)")
+def test_folded_coefficient_beyond_float_range() -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import _fuzz
+
+    cell = paracompile.load("cell C\nstate h\ninput x\nh' = (h * 1e300) * 1e300 + x\n")
+    xs, ps, h0 = _fuzz._data(cell, 0)
+    cell.apply(xs, ps, h0, backend="torch")
+
+
+@pytest.mark.xfail(strict=True, reason="max/min/clamp of a NaN: the cpu kernels' max(a, b) is "
+                                       "NaN only when a is NaN, the torch reference's only when "
+                                       "b is: the backends disagree on where the NaNs are")
+@pytest.mark.parametrize("update", ["max(log(h), x)", "min(x, sqrt(h))"])
+def test_nan_through_min_max_agrees(update: str) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import _fuzz
+
+    cell = paracompile.load(f"cell C\nstate h\ninput x\nh' = {update}\n")
+    category, why = _fuzz.compare(cell, 0, newton=False)
+    assert why is None, why
+    assert category == "nonfinite"
