@@ -104,7 +104,7 @@ class Mutator:
     def mutate(self, rng: random.Random) -> str:
         text = self.text
         for _ in range(rng.choice((1, 1, 1, 1, 1, 2, 2, 3))):
-            name, weight = rng.choices(MUTATIONS, weights=[w for _, w in MUTATIONS])[0]
+            name, _ = rng.choices(MUTATIONS, weights=[w for _, w in MUTATIONS])[0]
             text = getattr(self, name)(rng, text)
         return text
 
