@@ -491,7 +491,8 @@ def run(seed: int, count: int, full_per_cell: int, known: set[str]) -> dict:
     signal.signal(signal.SIGALRM, _alarm)
     counts = {"mutants": count, "distinct": 0, "parse-error": 0, "parsed": 0, "loaded": 0,
               "load-error": 0, "agree": 0, "nonfinite": 0, "no-inputs": 0, "known": 0}
-    failures, valid, seen, full = [], [], set(), dict.fromkeys(base_cells(), 0)
+    failures, valid, full = [], [], dict.fromkeys(base_cells(), 0)
+    seen = set(base_cells().values())  # a mutation may give the shipped cell back: not a mutant
     for i, (base, text) in enumerate(mutants(seed, count)):
         if text in seen:
             continue
