@@ -114,20 +114,24 @@ def analyse(ir: CellIR) -> Analysis:
 
     new_states: dict[str, sp.Expr] = {}
     outputs: list[sp.Expr] = []
+    finals: list[tuple[Equation, sp.Expr]] = []  # updates and outputs, with their equations
     for eq in ir.equations:
         value = resolve(eq)
         if eq.kind == "intermediate":
             values[symbol(eq.target)] = value
-        elif eq.kind == "update":
+            continue
+        if eq.kind == "update":
             new_states[eq.target] = value
             values[symbol(primed(eq.target))] = value
         else:
             outputs.append(value)
+        finals.append((eq, value))
     ns = tuple(new_states[s] for s in ir.states)
     terms = tuple(matvecs.values())
 
     jac = sp.Matrix(len(states), len(states),
                     lambda i, j: total_derivative(ns[i], states[j], terms))
+    _check_float_range(ir, finals, states + inputs + params + tuple(t.u for t in terms))
     pattern = tuple(tuple(not is_zero(jac[i, j]) for j in range(len(states)))
                     for i in range(len(states)))
     acts_on_state = any(
@@ -141,6 +145,24 @@ def analyse(ir: CellIR) -> Analysis:
         structure = "diagonal" if size == 1 else f"block({size})"
     return Analysis(ir, states, inputs, params, matrices, terms, ns, tuple(outputs), jac,
                     pattern, structure)
+
+
+def _check_float_range(ir: CellIR, finals: list[tuple[Equation, sp.Expr]],
+                       variables: tuple[sp.Symbol, ...]) -> None:
+    """CellError if an update or output, or one of its derivatives (what the kernels and the
+    backward pass evaluate), holds a number beyond the float64 range: SymPy folds
+    ``(h * 1e300) * 1e300`` into an exact 10**600, which no backend can represent (the kernels
+    would see inf where float arithmetic in the written order might not overflow)."""
+    for eq, value in finals:
+        for expr in (value, *(sp.diff(value, v) for v in variables)):
+            huge = [n for n in expr.atoms(sp.Number) if abs(n) > FLOAT64_MAX]
+            if huge:
+                what = f"{eq.target}'" if eq.kind == "update" else f"output {eq.target}"
+                raise CellError(eq.pos.line, eq.pos.column,
+                                f"{what} (or its derivative) holds the number "
+                                f"{sp.Float(huge[0], 3)}, beyond the float64 range (about "
+                                "1.8e308) once constants are folded; rescale the cell",
+                                ir.filename)
 
 
 def _check_not_chained(ir: CellIR, eq: Equation, mv: MatVec, values: dict[sp.Symbol, sp.Expr],
@@ -178,6 +200,7 @@ def total_derivative(expr: sp.Expr, var: sp.Symbol, terms: tuple[MatVecTerm, ...
 
 # Larger expressions are not handed to `sp.simplify` (unproven, so treated as nonzero: sound).
 MAX_PROOF_OPS = 400
+FLOAT64_MAX = sp.Float(1.7976931348623157e308)
 
 
 def is_zero(expr: sp.Expr) -> bool:
@@ -188,7 +211,8 @@ def is_zero(expr: sp.Expr) -> bool:
     """
     if expr == 0 or expr.is_zero is True:
         return True
-    if _nonzero_somewhere(expr):
+    nonzero = _nonzero_somewhere(expr)
+    if nonzero is not False:  # nonzero, or no finite value anywhere: unproven either way
         return False
     if sp.count_ops(expr) > MAX_PROOF_OPS:  # simplify can take minutes on deep expressions
         return False
@@ -202,10 +226,14 @@ def is_zero(expr: sp.Expr) -> bool:
         return False
 
 
-def _nonzero_somewhere(expr: sp.Expr, trials: int = 4) -> bool:
+def _nonzero_somewhere(expr: sp.Expr, trials: int = 4) -> bool | None:
+    """True if `expr` is clearly nonzero at a random point, False if it is (near) zero at
+    every point where it has a finite value, None if it has a finite value at none (huge
+    constants overflow everywhere: SymPy could then spend minutes factoring them)."""
     symbols = sorted(expr.free_symbols, key=sp.default_sort_key)
     fn = sp.lambdify(symbols, expr, modules=[numeric_functions(), "math"])
     rng = random.Random(0)
+    finite = False
     for trial in range(trials):
         low = 0.2 if trial % 2 == 0 else -1.3  # positive points keep log/sqrt in domain
         point = [rng.uniform(low, 1.3) for _ in symbols]
@@ -213,9 +241,11 @@ def _nonzero_somewhere(expr: sp.Expr, trials: int = 4) -> bool:
             value = complex(fn(*point))
         except (ValueError, ZeroDivisionError, OverflowError, TypeError):
             continue
-        if math.isfinite(abs(value)) and abs(value) > 1e-9:
-            return True
-    return False
+        if math.isfinite(abs(value)):
+            if abs(value) > 1e-9:
+                return True
+            finite = True
+    return False if finite else None
 
 
 def numeric_functions() -> dict[str, Callable[..., float]]:

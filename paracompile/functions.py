@@ -328,12 +328,15 @@ FUNCTIONS: dict[str, CellFunction] = {f.name: f for f in (
     CellFunction("cos", 1, sp.cos, numeric=math.cos, torch="torch.cos({0})",
                  libm="math.cos({0})"),
     # min/max: on ties the first argument, as their derivatives
+    # NaN-propagating, as torch.minimum/maximum; on ties the first argument (its derivative)
     CellFunction("min", 2, min, numeric=lambda a, b: a if a <= b else b, torch="_min({0}, {1})",
-                 torch_helper="def _min(a, b):\n    return torch.where(a <= b, a, b)",
-                 libm="min({0}, {1})"),
+                 torch_helper="def _min(a, b):\n    return torch.where((a <= b) | (a != a), a, b)",
+                 libm="min_({0}, {1})",
+                 libm_helper="def min_(a, b):\n    return a if (a <= b or a != a) else b"),
     CellFunction("max", 2, max, numeric=lambda a, b: a if a >= b else b, torch="_max({0}, {1})",
-                 torch_helper="def _max(a, b):\n    return torch.where(a >= b, a, b)",
-                 libm="max({0}, {1})"),
+                 torch_helper="def _max(a, b):\n    return torch.where((a >= b) | (a != a), a, b)",
+                 libm="max_({0}, {1})",
+                 libm_helper="def max_(a, b):\n    return a if (a >= b or a != a) else b"),
     CellFunction("silu", 1, silu),
     CellFunction("logsigmoid", 1, logsigmoid,
                  numeric=lambda x: -(builtins.max(-x, 0.0)
