@@ -248,11 +248,8 @@ def scalar_functions(analysis: Analysis, target: Target, dtype: DType) -> list[S
 # -- rendering -------------------------------------------------------------------------------
 
 def templates_dir() -> Path:
-    """The kernel templates: inside the installed package, or `templates/` of a checkout."""
-    packaged = Path(str(resources.files("paracompile"))) / "templates"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "templates"
+    """The kernel templates, `paracompile/templates/` (package data, shipped in the wheel)."""
+    return Path(str(resources.files("paracompile"))) / "templates"
 
 
 @cache

@@ -1,6 +1,6 @@
 """Test helper for the CUDA backend: hand-written scalar functions of a few cells, a tiny
-local renderer (header + scalar functions + ``templates/cuda.py.jinja``) that writes the
-module to a file and imports it with importlib, and plain-torch sequential references.
+local renderer (header + scalar functions + ``paracompile/templates/cuda.py.jinja``) that
+writes the module to a file and imports it with importlib, and plain-torch sequential references.
 
 The real renderer (``_codegen.py``) will replace :func:`build_module`; the scalar functions
 follow the interface of ``docs/internal-interfaces.md``.
@@ -23,7 +23,7 @@ import jinja2
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = ROOT / "templates"
+TEMPLATES = ROOT / "paracompile" / "templates"
 
 # The decoration that compiles with compile_ptx without a driver (inline="always") and that
 # the simulator accepts (it ignores `inline`).
