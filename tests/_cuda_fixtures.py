@@ -216,10 +216,12 @@ def render(spec: CellSpec, dtype: str, simulator: bool) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    body = env.get_template("cuda.py.jinja").render(
-        k=spec.k, m=spec.m, q=spec.q, o=spec.o, param_kinds=list(spec.param_kinds),
-        jac_entries=[list(e) for e in spec.jac_entries], dtype=dtype, simulator=simulator,
-    )
+    from paracompile._codegen import kernel_context  # the real context, hand-written functions
+
+    ctx = kernel_context("cudasim" if simulator else "cuda", dtype, k=spec.k, m=spec.m,
+                         o=spec.o, param_kinds=tuple(spec.param_kinds),
+                         jac_entries=tuple(tuple(e) for e in spec.jac_entries), functions=())
+    body = env.get_template("cuda.py.jinja").render(ctx=ctx)
     return HEADER.format(dtype=dtype) + spec.source + "\n" + body
 
 
