@@ -15,6 +15,7 @@ import jinja2
 import sympy as sp
 
 from ._analyse import Analysis
+from ._ir import MatVec, primed, symbol
 from ._meta import CellMeta
 from ._printers import KernelPrinter, fast_imports, known_functions, libm_helpers
 from .functions import where
@@ -38,10 +39,11 @@ class ScalarFunction:
 def _names(analysis: Analysis) -> dict[sp.Symbol, str]:
     """The printed names of the user's symbols and the matrix-product symbols.
 
-    Disjoint by construction: user names get a one-letter prefix and "_" (s_, x_, p_); every
-    generated name is letters then digits (u0, md0 here; t0, ct0, cy0, gv0 for temporaries and
-    cotangents), and the module's own names (F, ONE, ZERO, math, np, sigmoid_, ...) are
-    neither. Generated symbols are `sp.Dummy`, never equal to a user's symbol of the same name.
+    Disjoint by construction: user names get a one-letter prefix and "_" (s_, x_, p_ here;
+    i_ intermediates, n_ new states, o_ outputs in `_function`); every generated name is
+    letters then digits (u0, md0 here; t0, ct0, cy0, gv0 for temporaries and cotangents), and
+    the module's own names (F, ONE, ZERO, math, np, sigmoid_, affine_apply, ...) are neither.
+    Generated symbols are `sp.Dummy`, never equal to a user's symbol of the same name.
     """
     names: dict[sp.Symbol, str] = {}
     for s in analysis.states:
@@ -85,19 +87,54 @@ def _is_selector(expr: sp.Expr) -> bool:
 
 def _function(
     name: str, args: list[sp.Symbol], exprs: list[sp.Expr], names: dict[sp.Symbol, str],
-    printer_functions: dict[str, str],
+    printer_functions: dict[str, str], known: dict[sp.Expr, str] | None = None,
+    result_names: list[str] | None = None,
 ) -> ScalarFunction:
-    """Print `exprs` as one function of `args`, computing each common subexpression once."""
+    """Print `exprs` as one function of `args`, computing each common subexpression once.
+
+    A common subexpression whose value is in `known` (a user intermediate's value -> its
+    printed name) gets that name, so the code reads like the cell; the other temporaries are
+    t0, t1, .... With `result_names`, the results are assigned to these names first.
+    """
     temporaries = sp.numbered_symbols("t", cls=sp.Dummy, real=True)
     replacements, reduced = sp.cse([_selects(e) for e in exprs], symbols=temporaries,
                                    order="none")
     local = dict(names)
-    for sym, _ in replacements:
-        local[sym] = sym.name
+    expanded: dict[sp.Symbol, sp.Expr] = {}  # each temporary's value over the arguments
+    taken: set[str] = set()
+    for sym, value in replacements:
+        expanded[sym] = value.xreplace(expanded)
+        readable = (known or {}).get(expanded[sym])
+        local[sym] = readable if readable and readable not in taken else sym.name
+        taken.add(local[sym])
     printer = KernelPrinter(local, printer_functions)
-    body = tuple((sym.name, printer.doprint(value)) for sym, value in replacements)
-    results = tuple(printer.doprint(e) for e in reduced)
-    return ScalarFunction(name, tuple(local[a] for a in args), body, results)
+    body = [(local[sym], printer.doprint(value)) for sym, value in replacements]
+    results = [printer.doprint(e) for e in reduced]
+    if result_names:
+        body += zip(result_names, results, strict=True)
+        results = list(result_names)
+    return ScalarFunction(name, tuple(local[a] for a in args), tuple(body), tuple(results))
+
+
+def _intermediate_names(analysis: Analysis) -> dict[sp.Expr, str]:
+    """Each user intermediate's value (over states, inputs, params and the u_m symbols, as in
+    `Analysis.new_states`) -> ``i_<name>``: disjoint from every other printed name (no other
+    name starts with "i_"). Where two intermediates have one value, the first names it."""
+    values: dict[sp.Symbol, sp.Expr] = {}
+    products = {(t.matrix, t.operand): t.u for t in analysis.matvecs}
+    known: dict[sp.Expr, str] = {}
+    for eq in analysis.ir.equations:
+        value = eq.expr.xreplace(values)
+        value = value.xreplace({mv: products[(str(mv.args[0]), mv.args[1])]
+                                for mv in value.atoms(MatVec)
+                                if (str(mv.args[0]), mv.args[1]) in products})
+        if eq.kind == "intermediate":
+            values[symbol(eq.target)] = value
+            for form in (value, _selects(value)):
+                known.setdefault(form, f"i_{eq.target}")
+        elif eq.kind == "update":
+            values[symbol(primed(eq.target))] = value
+    return known
 
 
 def _vjp(outs: list[sp.Expr], cotangents: list[sp.Symbol], wrt: list[sp.Symbol]) -> list[sp.Expr]:
@@ -110,6 +147,7 @@ def scalar_functions(analysis: Analysis, target: Target, dtype: DType) -> list[S
     """The per-channel functions the kernel skeletons call (docs/internal-interfaces.md)."""
     a = analysis
     names = _names(a)
+    known = _intermediate_names(a)
     fns = known_functions(target, dtype)
     states, inputs, params = list(a.states), list(a.inputs), list(a.params)
     us = [t.u for t in a.matvecs]
@@ -122,32 +160,280 @@ def scalar_functions(analysis: Analysis, target: Target, dtype: DType) -> list[S
     jac = [a.jacobian[i, j] for i, j in a.jac_entries]
     everything = new + outs
     cots = cot + cot_y
+    # the step's results named like the torch reference's: n_<state>, o_<output>
+    new_names = [f"n_{s}" for s in a.ir.states]
     result = [
-        _function("step", base + us, everything, names, fns),
-        _function("step_jac", base + us + mds, new + jac, names, fns),
+        _function("step", base + us, everything, names, fns, known,
+                  new_names + [f"o_{y}" for y in a.ir.outputs]),
+        _function("step_jac", base + us + mds, new + jac, names, fns, known),
         _function("step_vjp", base + us + cots,
-                  _vjp(everything, cots, states + inputs + params + us), names, fns),
+                  _vjp(everything, cots, states + inputs + params + us), names, fns, known),
     ]
     if a.matvecs:
         gv = [sp.Dummy(f"gv{m}", real=True) for m in range(len(us))]
         names.update({g: g.name for g in gv})
         operands = [t.operand for t in a.matvecs]
         result += [
-            _function("operands", base, operands, names, fns),
+            _function("operands", base, operands, names, fns, known),
             _function("operands_vjp", base + gv, _vjp(operands, gv, states + inputs + params),
-                      names, fns),
+                      names, fns, known),
         ]
     return result
 
 
+# -- the sparse affine-map algebra -----------------------------------------------------------
+
+def _matrix(prefix: str, entries: tuple[tuple[int, int], ...]) -> dict[tuple[int, int], str]:
+    return {(i, j): f"{prefix}{i}_{j}" for i, j in entries}
+
+
+def _vector(prefix: str, k: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(k)]
+
+
+def _sum(terms: list[str], last: str | None = None) -> str:
+    return " + ".join([*terms, last] if last else terms)
+
+
+def affine_functions(k: int, entries: tuple[tuple[int, int], ...]) -> list[ScalarFunction]:
+    """Maps x -> A x + v of k-vectors, A with the nonzero pattern `entries` (closed under
+    products, diagonal included: a composition keeps the pattern). Arguments are A's entries
+    (row-major, as `entries`) then v, then the second map or the point x.
+
+    affine_compose(first, second): second after first = (A2 A1, A2 v1 + v2).
+    affine_apply(A, v, x): A x + v.
+    The transposed versions are the adjoint maps l -> A^T l + v with A stored untransposed:
+    affine_compose_transposed(first, second) = (A1 A2, A2^T v1 + v2) and
+    affine_apply_transposed(A, v, x) = A^T x + v.
+    Products are summed in index order, so each kernel computes them as it did by hand.
+    """
+    present = set(entries)
+    a1, a2 = _matrix("first_A", entries), _matrix("second_A", entries)
+    v1, v2 = _vector("first_v", k), _vector("second_v", k)
+    a, v, x = _matrix("A", entries), _vector("v", k), _vector("x", k)
+    inner = {e: [l for l in range(k) if (e[0], l) in present and (l, e[1]) in present]
+             for e in entries}
+    compose_args = (*a1.values(), *v1, *a2.values(), *v2)
+    apply_args = (*a.values(), *v, *x)
+    return [
+        ScalarFunction("affine_compose", compose_args, (), (
+            *(_sum([f"{a2[i, l]} * {a1[l, j]}" for l in inner[i, j]]) for i, j in entries),
+            *(_sum([f"{a2[i, l]} * {v1[l]}" for l in range(k) if (i, l) in present], v2[i])
+              for i in range(k)))),
+        ScalarFunction("affine_apply", apply_args, (), tuple(
+            _sum([f"{a[i, l]} * {x[l]}" for l in range(k) if (i, l) in present], v[i])
+            for i in range(k))),
+        ScalarFunction("affine_compose_transposed", compose_args, (), (
+            *(_sum([f"{a1[i, l]} * {a2[l, j]}" for l in inner[i, j]]) for i, j in entries),
+            *(_sum([f"{a2[l, i]} * {v1[l]}" for l in range(k) if (l, i) in present], v2[i])
+              for i in range(k)))),
+        ScalarFunction("affine_apply_transposed", apply_args, (), tuple(
+            _sum([f"{a[l, i]} * {x[l]}" for l in range(k) if (l, i) in present], v[i])
+            for i in range(k))),
+    ]
+
+
 # -- rendering -------------------------------------------------------------------------------
 
+_DEVICE_DECORATORS = {
+    "cpu": '@njit(cache=True, forceinline=True, error_model="numpy")',
+    "cuda": '@cuda.jit(device=True, inline="always")',
+    "cudasim": '@cuda.jit(device=True, inline="always")',
+}
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """Everything the templates read (as ``ctx.<field>``); built by `render_context`."""
+
+    target: Target
+    """"cpu", "cuda" or "cudasim" (CUDA kernels for numba's simulator)."""
+    dtype: DType
+    """The kernels' float type, "float32" or "float64"."""
+    k: int
+    """Number of states (per channel)."""
+    m: int
+    """Number of inputs."""
+    q: int
+    """Number of vector and scalar params (matrix params are counted by `n_matrices`)."""
+    o: int
+    """Number of declared outputs."""
+    param_kinds: tuple[str, ...]
+    """"vector" or "scalar" for each of the q params, in declaration order."""
+    jac_entries: tuple[tuple[int, int], ...]
+    """The (i, j) of the per-channel k×k Jacobian ∂s'_i/∂s_j that can be nonzero, closed
+    under products, diagonal included, row-major; step_jac returns them in this order."""
+    n_matvecs: int
+    """Number of matrix products M @ operand (dense cells; 0 otherwise)."""
+    n_matrices: int
+    """Number of matrix params."""
+    matvec_matrix: tuple[int, ...]
+    """For each matrix product, the index of its matrix among the matrix params."""
+    channel_block: int
+    """Channels per CPU task: long enough to vectorise, short enough to balance."""
+    simulator: bool
+    """CUDA only: warp shuffles emulated through shared memory (the simulator has none)."""
+    device_decorator: str
+    """The decorator of an inlined scalar device function on this target."""
+    fast_imports: tuple[str, ...]
+    """The float32 fast-math functions (`_fastmath`) the module's code calls (CPU float32)."""
+    libm_helpers: tuple[str, ...]
+    """Definitions of the helper device functions (``def sigmoid_(x): ...``) the module's
+    code calls, from the function registry."""
+    functions: tuple[ScalarFunction, ...]
+    """The cell's per-channel functions: step, step_jac, step_vjp (+ operands, operands_vjp
+    for dense cells); docs/internal-interfaces.md."""
+    affine_functions: tuple[ScalarFunction, ...]
+    """The sparse affine-map algebra over `jac_entries` (see `affine_functions`)."""
+    kernel_args: dict[str, tuple[str, ...]]
+    """Kernel name -> its argument names, in calling order (the kernels' interface)."""
+    legend: tuple[str, ...]
+    """Comment lines at the top of the module: kernel argument name -> the user's name."""
+    meta: CellMeta | None
+    """The cell metadata: the templates read its `name` and `version` and embed it (None
+    only for kernels rendered alone, as the CUDA tests do)."""
+    kernels: str
+    """The template of the target's kernels, included after the scalar functions."""
+
+    @property
+    def meta_repr(self) -> str:
+        """The metadata as a Python literal, embedded in the module as META."""
+        return repr(self.meta.to_dict() if self.meta is not None else None)
+
+    def numbered(self, prefix: str, n: int, index: str = "") -> list[str]:
+        """``prefix0{index}, ..., prefix{n-1}{index}``: one per state, input, ...; `index`
+        is a subscript such as ``"[cur + d]"``."""
+        return [f"{name}{index}" for name in _vector(prefix, n)]
+
+    def entries(self, prefix: str, index: str = "") -> list[str]:
+        """``prefix{i}_{j}{index}`` for each Jacobian entry (i, j), in `jac_entries` order."""
+        return [f"{name}{index}" for name in _matrix(prefix, self.jac_entries).values()]
+
+    def params_at(self, channel: str, zero: str) -> list[str]:
+        """Each param's value for one channel: ``p{j}[channel]`` (vector) or ``p{j}[zero]``."""
+        return [f"p{j}[{channel if kind == 'vector' else zero}]"
+                for j, kind in enumerate(self.param_kinds)]
+
+
+def _kernel_args(k: int, m: int, q: int, o: int, entries: tuple[tuple[int, int], ...],
+                 n_matrices: int, target: Target) -> dict[str, tuple[str, ...]]:
+    """Argument names of every kernel, in calling order. Each group is one flat array per
+    state, input, ...: h0_ initial states, x inputs, p params, M matrices, s states, y
+    outputs, g<group> their gradients; Newton's work arrays: fval f(h_{t-1}) at each step, jac
+    the Jacobian entries, chunk_A / chunk_v each time chunk's affine map, carry each chunk's
+    incoming Newton delta."""
+    h0, x, p, s, y = (_vector("h0_", k), _vector("x", m), _vector("p", q), _vector("s", k),
+                      _vector("y", o))
+    gs, gy, gh0, gx, gp = (_vector("gs", k), _vector("gy", o), _vector("gh0_", k),
+                           _vector("gx", m), _vector("gp", q))
+    if target != "cpu":
+        return {
+            "newton_kernel": (*h0, *x, *p, *s, *y, "status", "resid", "B", "T", "D", "chunk",
+                              "iterations", "tol"),
+            "sequential_kernel": ("idx", *h0, *x, *p, *s, *y, "B", "T", "D"),
+            "backward_kernel": (*gs, *gy, *h0, *x, *p, *s, *gh0, *gx, *gp, "B", "T", "D",
+                                "chunk"),
+            "backward_sequential_kernel": (*gs, *gy, *h0, *x, *p, *s, *gh0, *gx, *gp, "B", "T",
+                                           "D"),
+        }
+    mats, gmats = _vector("M", n_matrices), _vector("gM", n_matrices)
+    fval, carry = _vector("fval", k), _vector("carry", k)
+    jac = list(_matrix("jac", entries).values())
+    chunk = [*_matrix("chunk_A", entries).values(), *_vector("chunk_v", k)]
+    inputs = (*h0, *x, *p, *mats)
+    return {
+        "forward_sequential": (*inputs, *s, *y, "mask", "B", "T", "D"),
+        "newton_guess": (*inputs, *s, "B", "T", "D", "LT"),
+        "newton_linearise": (*inputs, *s, *fval, *jac, *chunk, "resid", "scale", "B", "T", "D",
+                             "LT"),
+        "newton_carry": (*chunk, *carry, "B", "nt", "D"),
+        "newton_fixup": (*fval, *jac, *carry, *s, "B", "T", "D", "LT"),
+        "forward_outputs": (*inputs, *s, *y, "B", "T", "D", "LT"),
+        "backward_adjoint": (*gs, *gy, *inputs, *s, *gh0, *gx, *gp, *gmats, "B", "T", "D"),
+    }
+
+
+def _legend(analysis: Analysis) -> tuple[str, ...]:
+    """Comment lines naming what each kernel argument group holds, in the user's names."""
+    a = analysis
+    ir = a.ir
+    kinds = {p.name: p.kind for p in ir.params}
+    vector_params = [p.name for p in ir.params if p.kind != "matrix"]
+    matrices = list(a.matrices)
+    items = [f"h0_{i} = initial state {s}" for i, s in enumerate(ir.states)]
+    items += [f"s{i} = state {s}" for i, s in enumerate(ir.states)]
+    items += [f"x{i} = input {x}" for i, x in enumerate(ir.inputs)]
+    items += [f"p{j} = param {n} ({kinds[n]})" for j, n in enumerate(vector_params)]
+    items += [f"M{j} = param {n} (matrix)" for j, n in enumerate(matrices)]
+    items += [f"y{i} = output {y}" for i, y in enumerate(ir.outputs)]
+    items += [f"jac{i}_{j} = d{ir.states[i]}'/d{ir.states[j]}" for i, j in a.jac_entries]
+    items.append("g<name> = the gradient of <name>")
+    lines = ["# Kernel arguments (flat arrays) in the cell's names:"]
+    line = "#  "
+    for item in (f"{text};" for text in items):
+        if len(line) + 1 + len(item) > 99:
+            lines.append(line)
+            line = "#  "
+        line += " " + item
+    lines.append(line.rstrip(";"))
+    return tuple(lines)
+
+
+def kernel_context(
+    target: Target, dtype: DType, *, k: int, m: int, o: int, param_kinds: tuple[str, ...],
+    jac_entries: tuple[tuple[int, int], ...], functions: tuple[ScalarFunction, ...],
+    legend: tuple[str, ...] = (), meta: CellMeta | None = None, n_matrices: int = 0,
+    matvec_matrix: tuple[int, ...] = (),
+) -> RenderContext:
+    """A RenderContext from the kernels' shape (`render_context` for a cell; the CUDA tests
+    render hand-written `functions` with it)."""
+    q = len(param_kinds)
+    return RenderContext(
+        target=target,
+        dtype=dtype,
+        k=k,
+        m=m,
+        q=q,
+        o=o,
+        param_kinds=tuple(param_kinds),
+        jac_entries=tuple((int(i), int(j)) for i, j in jac_entries),
+        n_matvecs=len(matvec_matrix),
+        n_matrices=n_matrices,
+        matvec_matrix=tuple(matvec_matrix),
+        channel_block=CHANNEL_BLOCK,
+        simulator=target == "cudasim",
+        device_decorator=_DEVICE_DECORATORS[target],
+        fast_imports=tuple(fast_imports(target, dtype)),
+        libm_helpers=tuple(libm_helpers(target, dtype)),
+        functions=tuple(functions),
+        affine_functions=tuple(affine_functions(k, tuple(jac_entries))),
+        kernel_args=_kernel_args(k, m, q, o, tuple(jac_entries), n_matrices, target),
+        legend=legend,
+        meta=meta,
+        kernels={"cpu": "cpu_dense.py.jinja" if matvec_matrix else "cpu.py.jinja",
+                 "cuda": "cuda.py.jinja", "cudasim": "cuda.py.jinja"}[target],
+    )
+
+
+def render_context(analysis: Analysis, target: Target, dtype: DType, meta: CellMeta
+                   ) -> RenderContext:
+    """The typed context of `render` for one (cell, target, dtype)."""
+    a = analysis
+    if a.matvecs and target != "cpu":
+        raise NotImplementedError(
+            f"cell {a.ir.name}: the CUDA backend does not support matrix parameters yet "
+            "(structure dense); use backend='cpu' or 'torch'")
+    return kernel_context(
+        target, dtype, k=a.k, m=len(a.inputs), o=len(a.outputs),
+        param_kinds=tuple(p.kind for p in a.ir.params if p.kind != "matrix"),
+        jac_entries=tuple(a.jac_entries), functions=tuple(scalar_functions(a, target, dtype)),
+        legend=_legend(a), meta=meta, n_matrices=len(a.matrices),
+        matvec_matrix=tuple(a.matrices.index(t.matrix) for t in a.matvecs))
+
+
 def templates_dir() -> Path:
-    """The kernel templates: inside the installed package, or `templates/` of a checkout."""
-    packaged = Path(str(resources.files("paracompile"))) / "templates"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "templates"
+    """The kernel templates, `paracompile/templates/` (package data, shipped in the wheel)."""
+    return Path(str(resources.files("paracompile"))) / "templates"
 
 
 @cache
@@ -167,41 +453,16 @@ def template_sources(family: str) -> str:
         return ""
     root = templates_dir()
     paths = [root / "module.py.jinja", *sorted(root.glob(f"{family}*.jinja")),
-             *sorted(root.glob(f"_{family}*.jinja"))]
+             *sorted(root.glob(f"_{family}*.jinja")), *sorted(root.glob("_device*.jinja"))]
     return "".join(p.read_text() for p in paths)
+
+
+def render_with(ctx: RenderContext) -> str:
+    """The complete source of the generated module for a context."""
+    return _environment().get_template("module.py.jinja").render(ctx=ctx)
 
 
 def render(analysis: Analysis, target: Target, dtype: DType, meta: CellMeta) -> str:
     """The complete source of the generated module for one (cell, target, dtype)."""
-    a = analysis
-    staged = bool(a.matvecs)
-    if staged and target != "cpu":
-        raise NotImplementedError(
-            f"cell {a.ir.name}: the CUDA backend does not support matrix parameters yet "
-            "(structure dense); use backend='cpu' or 'torch'")
-    kernels = {"cpu": "cpu_dense.py.jinja" if staged else "cpu.py.jinja",
-               "cuda": "cuda.py.jinja", "cudasim": "cuda.py.jinja"}[target]
-    context = {
-        "k": a.k,
-        "m": len(a.inputs),
-        "q": len(a.params),
-        "o": len(a.outputs),
-        "n_matvecs": len(a.matvecs),
-        "n_matrices": len(a.matrices),
-        "matvec_matrix": [a.matrices.index(t.matrix) for t in a.matvecs],
-        "param_kinds": [p.kind for p in a.ir.params if p.kind != "matrix"],
-        "jac_entries": [list(e) for e in a.jac_entries],
-        "dtype": dtype,
-        "simulator": target == "cudasim",
-    }
-    return _environment().get_template("module.py.jinja").render(
-        target=target,
-        meta=meta,
-        meta_repr=repr(meta.to_dict()),
-        channel_block=CHANNEL_BLOCK,
-        functions=scalar_functions(a, target, dtype),
-        fast_imports=fast_imports(target, dtype),
-        libm_helpers=libm_helpers(target, dtype),
-        kernels=kernels,
-        **context,
-    )
+    return render_with(render_context(analysis, target, dtype, meta))
+

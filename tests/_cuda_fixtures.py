@@ -1,6 +1,6 @@
 """Test helper for the CUDA backend: hand-written scalar functions of a few cells, a tiny
-local renderer (header + scalar functions + ``templates/cuda.py.jinja``) that writes the
-module to a file and imports it with importlib, and plain-torch sequential references.
+local renderer (header + scalar functions + ``paracompile/templates/cuda.py.jinja``) that
+writes the module to a file and imports it with importlib, and plain-torch sequential references.
 
 The real renderer (``_codegen.py``) will replace :func:`build_module`; the scalar functions
 follow the interface of ``docs/internal-interfaces.md``.
@@ -23,7 +23,7 @@ import jinja2
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = ROOT / "templates"
+TEMPLATES = ROOT / "paracompile" / "templates"
 
 # The decoration that compiles with compile_ptx without a driver (inline="always") and that
 # the simulator accepts (it ignores `inline`).
@@ -216,10 +216,12 @@ def render(spec: CellSpec, dtype: str, simulator: bool) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    body = env.get_template("cuda.py.jinja").render(
-        k=spec.k, m=spec.m, q=spec.q, o=spec.o, param_kinds=list(spec.param_kinds),
-        jac_entries=[list(e) for e in spec.jac_entries], dtype=dtype, simulator=simulator,
-    )
+    from paracompile._codegen import kernel_context  # the real context, hand-written functions
+
+    ctx = kernel_context("cudasim" if simulator else "cuda", dtype, k=spec.k, m=spec.m,
+                         o=spec.o, param_kinds=tuple(spec.param_kinds),
+                         jac_entries=tuple(tuple(e) for e in spec.jac_entries), functions=())
+    body = env.get_template("cuda.py.jinja").render(ctx=ctx)
     return HEADER.format(dtype=dtype) + spec.source + "\n" + body
 
 
