@@ -18,6 +18,7 @@ import paracompile
 from paracompile import _fastmath
 from paracompile._analyse import analyse, is_zero, numeric_functions
 from paracompile._codegen import render
+from paracompile._driver import metadata
 from paracompile._errors import CellError
 from paracompile._parse import parse_cell
 from paracompile._printers import (
@@ -190,9 +191,9 @@ def test_a_new_function_needs_no_fast_version(with_softsign: None) -> None:
     """Without a `fast` version the float32 CPU module calls its libm helper, and every
     kernel module defines that helper; the fast-math imports are unchanged."""
     a = analyse(parse_cell(SOFT))
-    meta = {"name": "Soft", "version": "test"}
+    meta = metadata(a, "test")
     for target, dtype in KERNELS:
-        source = render(a, target, dtype, meta)  # type: ignore[arg-type]
+        source = render(a, target, dtype, meta)
         assert "def softsign_(x):" in source and "softsign_(" in source.split("def step")[1]
     assert "def sigmoid_(x):" not in render(a, "cpu", "float32", meta)
 
