@@ -73,7 +73,9 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
             mask[:] = blocks.reshape(B, nd, -1).any(axis=2).reshape(-1)
         # else every sequence reruns: the outputs come from the sequential kernel
         fallback = int(bad[:, 0].sum()) if dense else int(bad.sum())
-        hist = run.iters[~bad if not dense else ~bad[:, :1]]
+        # a dense sequence converged when its last channel did
+        iters = run.iters.max(axis=1) if dense else run.iters
+        hist = iters[~bad[:, 0]] if dense else iters[~bad]
         stats = ForwardStats(method, run.done, fallback, run.residual, chunk,
                              histogram=tuple(np.bincount(hist, minlength=1).tolist()))
     if mask.any():
