@@ -92,8 +92,8 @@ def test_defaults():
         name = str(dtype).removeprefix("torch.")
         assert _defaults.default_tol(dtype) == _defaults.default_tol(name) == (
             _defaults.TOL_FACTOR * torch.finfo(dtype).eps)
-    assert _defaults.default_iterations(torch.float64) == 5
-    assert _defaults.default_iterations("float32") == 3
+    assert _defaults.default_iterations(torch.float64) == 10
+    assert _defaults.default_iterations("float32") == 8
     with pytest.raises(ValueError, match="dtype"):
         _defaults.default_tol(torch.int32)
     assert _defaults.auto_backend(on_cuda=False, dense=True) == "cpu"
