@@ -28,10 +28,14 @@ class ForwardStats:
     """Newton updates done (the largest number over the sequences)."""
     fallback: int = 0
     """Sequences recomputed by the sequential kernel because Newton had not converged within
-    the iterations: batch entries b on the CPU, (b, channel) pairs on CUDA."""
+    the iterations: (b, channel) pairs (batch entries b for dense cells, whose channels are
+    coupled)."""
     residual: float = 0.0
     """The largest normwise relative residual of Newton's last iterate, before the fallback."""
     chunk: int = 0
     """Time steps per parallel work item (0 for the sequential method)."""
     threads: int = 0
     """CUDA threads per block (0 on the CPU, and for the sequential method)."""
+    histogram: tuple[int, ...] = ()
+    """histogram[i]: the sequences that converged after i Newton updates ((b, channel) pairs;
+    batch entries b for dense cells); the fallback ones are not counted."""

@@ -42,7 +42,8 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
     B, T, D = xs[0].shape
     dtype = xs[0].dtype
     p, M = _split_params(ps)
-    method = _defaults.resolve_method(method, "cpu", dense=bool(M))
+    dense = bool(M)
+    method = _defaults.resolve_method(method, "cpu", dense=dense)
     iterations = _defaults.default_iterations(dtype) if iterations is None else iterations
     tol = _defaults.default_tol(dtype) if tol is None else tol
     chunk = _defaults.CPU_TIME_CHUNK if chunk is None else chunk
@@ -51,61 +52,179 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
     stats = ForwardStats(method)
     if B * D == 0 or T == 0:
         return states, outputs, stats
-    args = (*[_flat(h) for h in h0s], *[_flat(x) for x in xs], *p, *M)
+    h0, x = [_flat(h) for h in h0s], [_flat(x) for x in xs]
+    args = (*h0, *x, *p, *M)
     s, y = [_out(t) for t in states], [_out(t) for t in outputs]
-    mask = np.ones(B, np.uint8)  # the sequences the sequential kernel (re)computes
+    # the sequential kernel's mask: per (sequence, channel block) of a per-channel module, per
+    # sequence of a dense one (its channels are coupled)
+    nd = 1 if dense else -(-D // int(module.CH))
+    mask = np.ones(B * nd, np.uint8)
     if method == "newton":
-        done, bad, residual = _newton(module, args, s, (B, T, D), iterations, tol, chunk)
+        run = _Newton(module, h0, x, (*p, *M), s, (B, T, D), tol, chunk)
+        # damped updates only follow plain ones: iterations=0 asks for no Newton update
+        bad = run.solve(iterations, _defaults.DAMPED_STEPS if iterations else 0)  # (B, D)
+        if dense:
+            bad = np.repeat(bad.any(axis=1, keepdims=True), D, axis=1)
         if module.OUTPUTS_KERNEL:
             module.forward_outputs(*args, *s, *y, B, T, D, chunk)
         if module.OUTPUTS_KERNEL or not module.N_OUTPUTS:
-            mask[:] = bad
+            blocks = np.zeros((B, nd * (D if dense else int(module.CH))), bool)
+            blocks[:, :D] = bad
+            mask[:] = blocks.reshape(B, nd, -1).any(axis=2).reshape(-1)
         # else every sequence reruns: the outputs come from the sequential kernel
-        stats = ForwardStats(method, done, int(bad.sum()), residual, chunk)
+        fallback = int(bad[:, 0].sum()) if dense else int(bad.sum())
+        # a dense sequence converged when its last channel did
+        iters = run.iters.max(axis=1) if dense else run.iters
+        hist = iters[~bad[:, 0]] if dense else iters[~bad]
+        stats = ForwardStats(method, run.done, fallback, run.residual, chunk,
+                             histogram=tuple(np.bincount(hist, minlength=1).tolist()))
     if mask.any():
         module.forward_sequential(*args, *s, *y, mask, B, T, D)
     return states, outputs, stats
 
 
-def _newton(module: ModuleType, args: tuple[np.ndarray, ...], s: list[np.ndarray],
-            shape: tuple[int, int, int], iterations: int, tol: float,
-            chunk: int) -> tuple[int, np.ndarray, float]:
-    """Newton's iterations on the states `s` (written in place) until every sequence has
-    converged or `iterations` updates were done. Returns (updates done, the unconverged
-    sequences as a bool (B,) array, the largest relative residual of the last iterate)."""
-    B, T, D = shape
-    k, n_jac, F = len(s), module.N_JAC, module.F
-    nt = -(-T // chunk)
-    fv = [np.empty_like(s[0]) for _ in range(k)]
-    jac = [np.empty_like(s[0]) for _ in range(n_jac)]
-    # per (sequence, time chunk, channel): the chunk's composed affine map and incoming delta
-    sa = [np.empty(B * nt * D, F) for _ in range(n_jac)]
-    sb = [np.empty(B * nt * D, F) for _ in range(k)]
-    carry = [np.empty(B * nt * D, F) for _ in range(k)]
-    resid = np.empty(k * B * nt * D, F)
-    scale = np.empty_like(resid)
-    module.newton_guess(*args, *s, B, T, D, chunk)
-    done = 0
-    while True:
-        module.newton_linearise(*args, *s, *fv, *jac, *sa, *sb, resid, scale, B, T, D, chunk)
-        bad, residual = _unconverged(resid.reshape(k, B, nt, D), scale.reshape(k, B, nt, D),
-                                     tol)
-        if not bad.any() or done == iterations:
-            return done, bad, residual
-        module.newton_carry(*sa, *sb, *carry, B, nt, D)
-        module.newton_fixup(*fv, *jac, *carry, *s, B, T, D, chunk)
-        done += 1
+class _Newton:
+    """Newton's iterations on the states `s` (written in place). Only the sequences b with a
+    channel that has not converged are linearised and updated: the driver gathers them into
+    a compact batch when the set shrinks (the kernels take whole batches)."""
+
+    def __init__(self, module: ModuleType, h0: list[np.ndarray], x: list[np.ndarray],
+                 rest: tuple[np.ndarray, ...], s: list[np.ndarray],
+                 shape: tuple[int, int, int], tol: float, chunk: int) -> None:
+        B, T, D = shape
+        self.module, self.shape, self.tol, self.chunk = module, shape, tol, chunk
+        self.rest = rest
+        self.h0 = [a.reshape(B, D) for a in h0]
+        self.x = [a.reshape(B, T * D) for a in x]
+        self.s = [a.reshape(B, T * D) for a in s]  # views of the result tensors
+        self.active = np.arange(B)
+        # per channel: the update at which it first converged (-1: not yet)
+        self.iters = np.full((B, D), -1, np.int64)
+        self.done = 0
+        self.residual = 0.0
+        self._sub = None  # (h0, x, s) of the active sequences when they are a strict subset
+
+    def _arrays(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        if self._sub is None:
+            return self.h0, self.x, self.s
+        return self._sub
+
+    def _linearise(self) -> np.ndarray:
+        """Linearise at the current iterate; return the relative residual per (active b, d)
+        (the largest over the states; NaN counts as infinite)."""
+        m, (_, T, D) = self.module, self.shape
+        nb, k = len(self.active), len(self.s)
+        h0, x, s = self._arrays()
+        nt = -(-T // self.chunk)
+        self.fv = [np.empty(nb * T * D, m.F) for _ in range(k)]
+        self.jac = [np.empty(nb * T * D, m.F) for _ in range(m.N_JAC)]
+        self.sa = [np.empty(nb * nt * D, m.F) for _ in range(m.N_JAC)]
+        self.sb = [np.empty(nb * nt * D, m.F) for _ in range(k)]
+        resid = np.empty(k * nb * nt * D, m.F)
+        scale = np.empty_like(resid)
+        m.newton_linearise(*[a.reshape(-1) for a in (*h0, *x)], *self.rest,
+                           *[a.reshape(-1) for a in s], *self.fv, *self.jac, *self.sa,
+                           *self.sb, resid, scale, nb, T, D, self.chunk)
+        rel = _relative(resid.reshape(k, nb, nt, D), scale.reshape(k, nb, nt, D))
+        return np.nan_to_num(rel, nan=np.inf)
+
+    def _step(self) -> None:
+        """The full Newton update of the active sequences."""
+        m, (_, T, D) = self.module, self.shape
+        nb, nt = len(self.active), -(-T // self.chunk)
+        carry = [np.empty(nb * nt * D, m.F) for _ in range(len(self.s))]
+        m.newton_carry(*self.sa, *self.sb, *carry, nb, nt, D)
+        m.newton_fixup(*self.fv, *self.jac, *carry, *[a.reshape(-1) for a in self._arrays()[2]],
+                       nb, T, D, self.chunk)
+
+    def _keep(self, keep: np.ndarray) -> None:
+        """Drop the active sequences where `keep` is False (their states are final)."""
+        if keep.all():
+            return
+        self._flush()
+        nb = len(self.active)
+        self.active = self.active[keep]
+        a = self.active
+        self._sub = ([h[a] for h in self.h0], [v[a] for v in self.x], [v[a] for v in self.s])
+        # the linearisation of the current iterate, restricted to the kept sequences
+        for arrays in (self.fv, self.jac, self.sa, self.sb):
+            arrays[:] = [v.reshape(nb, -1)[keep].reshape(-1) for v in arrays]
+
+    def _flush(self) -> None:
+        if self._sub is not None:
+            for full, part in zip(self.s, self._sub[2], strict=True):
+                full[self.active] = part
+
+    def _record(self, rel: np.ndarray) -> np.ndarray:
+        """Note the channels that converged now; return the unconverged ones (active b, D)."""
+        ok = rel <= self.tol
+        it = self.iters[self.active]
+        it[ok & (it < 0)] = self.done
+        self.iters[self.active] = it
+        return ~ok
+
+    def solve(self, iterations: int, damped: int) -> np.ndarray:
+        """Up to `iterations` plain Newton updates, then up to `damped` damped ones for the
+        sequences still unconverged; returns the unconverged (b, d) as a (B, D) bool array."""
+        B, _, D = self.shape
+        self.module.newton_guess(*[a.reshape(-1) for a in (*self.h0, *self.x)], *self.rest,
+                                 *[a.reshape(-1) for a in self.s], B, self.shape[1], D,
+                                 self.chunk)
+        rel = self._linearise()
+        self.residual = float(rel.max())
+        bad = self._record(rel)
+        while bad.any() and self.done < iterations:
+            self._keep(bad.any(axis=1))
+            self._step()
+            self.done += 1
+            rel = self._linearise()
+            self.residual = float(rel.max())
+            bad = self._record(rel)
+        tries = 0
+        while bad.any() and tries < damped:
+            keep = bad.any(axis=1)
+            self._keep(keep)
+            rel, used = self._damped(rel[keep], damped - tries)
+            tries += used
+            bad = self._record(rel)
+        self._flush()
+        out = np.zeros((B, D), bool)
+        out[self.active] = bad
+        return out
+
+    def _damped(self, rel: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
+        """One damped update of the active sequences (linearised at the current iterate):
+        the Newton step scaled by alpha = 1, 1/2, 1/4, ... per sequence until the sequence's
+        largest relative residual decreases (or the `budget` of linearisations is spent; the
+        last try is kept). Returns (the new residuals, linearisations used)."""
+        s = self._arrays()[2]
+        old = [a.copy() for a in s]
+        before = rel.max(axis=1)
+        self._step()
+        step = [a - o for a, o in zip(s, old, strict=True)]
+        alpha = np.ones(len(self.active))
+        used = 0
+        while True:
+            new = self._linearise()
+            used += 1
+            self.done += 1
+            worse = ~(new.max(axis=1) < before)
+            if not worse.any() or used == budget:
+                self.residual = float(new.max())
+                return new, used
+            alpha[worse] /= 2
+            for a, o, d in zip(s, old, step, strict=True):
+                a[:] = o + alpha[:, None].astype(a.dtype) * d
 
 
-def _unconverged(resid: np.ndarray, scale: np.ndarray, tol: float) -> tuple[np.ndarray, float]:
-    """Per sequence: some state and channel has max_t |h_t - f(h_{t-1})| > tol * max_t |h_t|,
-    from the per-(state, sequence, time chunk, channel) maxima the kernels stored. The scale is
-    clamped to [tiny / eps, max]: an all-zero channel converges, an overflowed one never does;
-    `not <=` flags NaN residuals. Also returns the largest relative residual."""
+def _relative(resid: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per (sequence, channel): max over states of max_t |h_t - f(h_{t-1})| / max_t |h_t|,
+    from the per-(state, sequence, time chunk, channel) maxima the kernels stored. The scale
+    is clamped to [tiny / eps, max]: an all-zero channel converges, an overflowed one never
+    does; NaN stays NaN."""
     finfo = np.finfo(resid.dtype)
     floor = resid.dtype.type(finfo.tiny / finfo.eps)
-    relative = resid.max(axis=2) / np.clip(scale.max(axis=2), floor, finfo.max)
-    return ~(relative <= tol).all(axis=(0, 2)), float(relative.max())
+    return (resid.max(axis=2) / np.clip(scale.max(axis=2), floor, finfo.max)).max(axis=0)
 
 
 def backward(module: ModuleType, g_states: Sequence[torch.Tensor | None],

@@ -190,7 +190,8 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
     bad = (status_h < 0).flatten().nonzero().flatten()
     stats = ForwardStats(method, iterations=iterations if bad.numel() else int(status_h.max()),
                          fallback=int(bad.numel()), residual=float(resid.max()), chunk=chunk,
-                         threads=nthr)
+                         threads=nthr, histogram=tuple(
+                             torch.bincount(status_h[status_h >= 0].long(), minlength=1).tolist()))
     if bad.numel():
         idx = bad.to(torch.int32).to(ctx.device)
         _run_sequential(module, ctx, idx, args, outs, (B, T, D))

@@ -15,10 +15,17 @@ METHODS = ("auto", "sequential", "newton")
 BACKENDS = ("auto", "cpu", "cuda", "torch")
 """The values of `cell.apply(backend=...)`."""
 
-DEFAULT_ITERATIONS: dict[str, int] = {"float32": 3, "float64": 5}
-"""Newton iterations before the sequences that have not converged are recomputed by the
-sequential kernel, per compute dtype: three reach float32 precision on well-behaved cells
-(see docs/numerics.md); float64 needs a few more."""
+DEFAULT_ITERATIONS: dict[str, int] = {"float32": 8, "float64": 10}
+"""Plain Newton iterations (the cap: each sequence stops as soon as it has converged) before
+the damped ones and the sequential fallback, per compute dtype. Three reach float32 precision
+on mildly nonlinear cells, but ParaGRU/ParaLSTM with saturated gates need up to 6-8 (float64:
+a few more); see the measurements in docs/numerics.md."""
+
+DAMPED_STEPS = 8
+"""On the CPU and in the torch reference: linearisations spent on damped Newton updates
+(the step halved per sequence until its residual decreases) for the sequences still
+unconverged after the plain iterations, before the sequential fallback. The CUDA kernel
+falls back directly."""
 
 TOL_FACTOR = 16.0
 """Newton's default relative residual tolerance, in machine epsilons of the dtype."""

@@ -329,7 +329,7 @@ class NewtonInfo:
     converged: the final residual is within ``tol`` (always true after a fallback).
     fell_back: Newton did not converge within ``max_iterations`` for some sequences, and
     their answer was recomputed by the sequential loop; ``fallback_sequences`` counts them
-    (batch entries).
+    (batch entries). Damped updates (see :func:`newton`) count as iterations.
     residuals: the normwise relative residual (see :func:`residual`) of the initial guess and
     after each iteration; ``residual`` is the last one.
     """
@@ -341,6 +341,9 @@ class NewtonInfo:
     fell_back: bool = False
     fallback_sequences: int = 0
     residuals: list[float] = field(default_factory=list)
+    histogram: list[int] = field(default_factory=list)
+    """histogram[i]: the sequences that converged after i updates (the fallback ones are not
+    counted)."""
 
     @property
     def residual(self) -> float:
@@ -358,7 +361,7 @@ class NewtonInfo:
 
 
 def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, dense: bool,
-                  iterations: int, tol: float, max_iterations: int,
+                  iterations: int, tol: float, max_iterations: int, damped: int,
                   info: NewtonInfo) -> tuple[Tensors, Tensors]:
     """The Newton forward (no autograd): returns (states, outputs), fills ``info``."""
     B, T, D = inputs[0].shape
@@ -376,20 +379,54 @@ def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, den
     F, Y = evaluate(prev)
     ratio = _seq_rel(H, F)
     info.residuals.append(_max_rel(H, F))
-    n = 0
-    while not bool((ratio <= tol).all()) and n < max_iterations:  # NaN never passes `<=`
+    first = torch.full((B,), -1, dtype=torch.int64)  # the update at which b converged
+
+    def record(n: int) -> Tensor:  # the unconverged sequences, (B,) bool
+        ok = (ratio <= tol).cpu()  # NaN never passes `<=`
+        first[ok & (first < 0)] = n
+        return ~ok
+
+    def newton_step() -> Tensors:
         J = _jac_flat(step, _flat(prev), xs, params, dense)
         J = J.reshape(B, T, *J.shape[1:])
         r = _to_vec([h - f for h, f in zip(H, F, strict=True)], dense)
-        delta = _from_vec(affine_scan(J, -r), k, dense)  # δ_t = J_t δ_{t-1} - r_t, δ_{-1} = 0
-        H = tuple(h + d for h, d in zip(H, delta, strict=True))
+        return _from_vec(affine_scan(J, -r), k, dense)  # δ_t = J_t δ_{t-1} - r_t, δ_{-1} = 0
+
+    def moved(base: Tensors, delta: Tensors, alpha: Tensor) -> Tensors:
+        # only the unconverged sequences move (alpha 0 elsewhere)
+        a = alpha.to(base[0].device, base[0].dtype).view(B, 1, 1)
+        return tuple(h + a * d for h, d in zip(base, delta, strict=True))
+
+    n = 0
+    bad = record(0)
+    while bool(bad.any()) and n < max_iterations:
+        H = moved(H, newton_step(), bad.double())
         n += 1
         prev = _previous(h0, H)
         F, Y = evaluate(prev)
         ratio = _seq_rel(H, F)
         info.residuals.append(_max_rel(H, F))
+        bad = record(n)
+    used = 0
+    while bool(bad.any()) and used < damped:  # damped updates: halve the step until r drops
+        base, before, delta = H, ratio.nan_to_num(nan=math.inf), newton_step()
+        alpha = bad.double()
+        while True:
+            H = moved(base, delta, alpha)
+            prev = _previous(h0, H)
+            F, Y = evaluate(prev)
+            ratio = _seq_rel(H, F)
+            info.residuals.append(_max_rel(H, F))
+            used += 1
+            n += 1
+            worse = (~(ratio < before)).cpu() & bad
+            if not bool(worse.any()) or used == damped:
+                break
+            alpha[worse] /= 2
+        bad = record(n)
     info.iterations = n
-    bad = (~(ratio <= tol)).nonzero().flatten()
+    info.histogram = torch.bincount(first[first >= 0], minlength=1).tolist()
+    bad = bad.nonzero().flatten().to(H[0].device)
     if bad.numel():  # never silently differ from the sequential answer
         Hs, Ys = sequential(step, tuple(h[bad] for h in h0), tuple(x[bad] for x in inputs),
                             params)
@@ -409,10 +446,11 @@ class _NewtonFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, step, k, m, dense, iterations, tol, max_iterations, info, *tensors):
+    def forward(ctx, step, k, m, dense, iterations, tol, max_iterations, damped, info,
+                *tensors):
         h0, inputs, params = tensors[:k], tensors[k:k + m], tensors[k + m:]
         H, Y = _newton_solve(step, h0, inputs, params, dense, iterations, tol,
-                             max_iterations, info)
+                             max_iterations, damped, info)
         ctx.step, ctx.k, ctx.m, ctx.dense = step, k, m, dense
         H = tuple(h.clone() for h in H)  # fresh tensors: never views of inputs or of each other
         Y = tuple(y.clone() for y in Y)
@@ -429,15 +467,16 @@ class _NewtonFunction(torch.autograd.Function):
         g_h0, g_x, g_p = adjoint(ctx.step, h0, inputs, params, H, grads[:k], grads[k:],
                                  dense=ctx.dense)
         g = (*g_h0, *g_x, *g_p)
-        needs = ctx.needs_input_grad[8:]
+        needs = ctx.needs_input_grad[9:]
         g = tuple(gi if need else None for gi, need in zip(g, needs, strict=True))
-        return (None,) * 8 + g
+        return (None,) * 9 + g
 
 
 def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
            params: Sequence[Tensor], *, dense: bool, iterations: int | None = None,
            tol: float | None = None,
-           max_iterations: int | None = None) -> tuple[Tensors, Tensors, NewtonInfo]:
+           max_iterations: int | None = None,
+           damped: int = 0) -> tuple[Tensors, Tensors, NewtonInfo]:
     """The ParaRNN parallel-in-time solve of the recurrence of :func:`sequential`.
 
     Unknowns H = (h_0..h_{T-1}); residual r_t = h_t - f(h_{t-1}, x_t). Initial guess
@@ -461,7 +500,10 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
     ``iterations`` while some has not. Iteration n makes h_0..h_{n-1} exact, so T iterations
     suffice in exact arithmetic; the sequences that ``max_iterations`` (default T + 2; the
     runtime passes ``iterations``) do not bring within ``tol`` (round-off blown up by a
-    chaotic cell, overflow) are recomputed by the sequential loop (``info.fell_back``,
+    chaotic cell, overflow) get up to ``damped`` damped updates (per sequence, the Newton step
+    is halved until its residual decreases; each try is one evaluation, counted as an
+    iteration; the runtime passes `_defaults.DAMPED_STEPS`) and the ones still unconverged
+    are recomputed by the sequential loop (``info.fell_back``,
     ``info.fallback_sequences``).
 
     Differentiable w.r.t. h0, inputs and params with the exact gradients of the sequential
@@ -487,7 +529,7 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
         info.converged = True
         return states, outputs, info
     out = _NewtonFunction.apply(step, len(h0), len(inputs), dense, iterations, tol,
-                                max_iterations, info, *h0, *inputs, *params)
+                                max_iterations, damped, info, *h0, *inputs, *params)
     return tuple(out[:len(h0)]), tuple(out[len(h0):]), info
 
 

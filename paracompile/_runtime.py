@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -31,6 +31,7 @@ from ._checks import (
 )
 from ._defaults import (
     BACKENDS,
+    DAMPED_STEPS,
     METHODS,
     auto_backend,
     default_iterations,
@@ -53,6 +54,9 @@ class NewtonStats:
     calls: int = 0
     iterations: int = 0  # summed over calls
     fallback_sequences: int = 0  # sequences recomputed sequentially because Newton stalled
+    # histogram[i]: sequences that converged after i updates, summed over calls (see
+    # ForwardStats.histogram); the fallback ones are not counted
+    histogram: list[int] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,7 +209,7 @@ class CompiledCell:
             if method == "newton":
                 states, outs, counts = _reference_newton(self._torch_step, h0s, xs, ps,
                                                          self.dense, iterations, tol)
-                self._count(*counts)
+                self._count(*counts[:2], list(counts[2]))
             else:
                 states, outs = _reference.sequential(
                     self._torch_step, tuple(h0s), tuple(xs), tuple(ps))
@@ -216,8 +220,8 @@ class CompiledCell:
             # the counters come back through the op (no side channel: apply may run in several
             # threads); under torch.compile reading them would break the graph, so they are not
             if method == "newton" and not torch.compiler.is_compiling():
-                done, fallback = counts.tolist()
-                self._count(done, fallback)
+                done, fallback, *histogram = counts.tolist()
+                self._count(done, fallback, histogram)
         return {n: r.to(in_dtype) for n, r in zip(self.states + self.outputs, results,
                                                    strict=True)}
 
@@ -279,22 +283,31 @@ class CompiledCell:
             return self._modules(target, COMPUTE_DTYPES[dtype])
 
     def _run_forward(self, h0s, xs, ps, method, target, iterations, tol) -> list[torch.Tensor]:
-        """The results, then an int64 tensor (Newton iterations, sequences that fell back)."""
+        """The results, then an int64 tensor (Newton iterations, sequences that fell back, the
+        iteration histogram padded to `_histogram_size(iterations)`)."""
         B, T, D = xs[0].shape
         if B == 0 or T == 0:  # nothing to run: no kernels to load
             return ([xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
-                    + [_counters(0, 0)])
+                    + [_counters(0, 0, (), iterations)])
         states, outputs, stats = self._launcher(target).forward(
             self._module(target, xs[0].dtype), h0s, xs, ps, method=method,
             iterations=iterations, tol=tol)
-        return [*states, *outputs, _counters(stats.iterations, stats.fallback)]
+        return [*states, *outputs,
+                _counters(stats.iterations, stats.fallback, stats.histogram, iterations)]
 
-    def _count(self, iterations: int, fallback: int) -> None:
+    def _count(self, iterations: int, fallback: int, histogram: list[int]) -> None:
+        while histogram and not histogram[-1]:
+            histogram.pop()
         with self._stats_lock:
             self.stats.calls += 1
             self.stats.iterations += iterations
             self.stats.fallback_sequences += fallback
-            self.stats.last = {"iterations": iterations, "fallback_sequences": fallback}
+            total = self.stats.histogram
+            total.extend([0] * (len(histogram) - len(total)))
+            for i, n in enumerate(histogram):
+                total[i] += n
+            self.stats.last = {"iterations": iterations, "fallback_sequences": fallback,
+                               "histogram": histogram}
 
     def _run_backward(self, gs, gy, h0s, xs, ps, ss, target) -> list[torch.Tensor]:
         B, T, D = xs[0].shape
@@ -342,8 +355,9 @@ def _reference_newton(step, h0s, xs, ps, dense, iterations, tol):
     are recomputed by the loop. Returns (states, outputs, (iterations, fallback sequences))."""
     states, outs, info = _reference.newton(step, tuple(h0s), tuple(xs), tuple(ps), dense=dense,
                                            iterations=iterations, tol=tol,
-                                           max_iterations=iterations)
-    return states, outs, (info.iterations, info.fallback_sequences)
+                                           max_iterations=iterations,
+                                           damped=DAMPED_STEPS if iterations else 0)
+    return states, outs, (info.iterations, info.fallback_sequences, info.histogram)
 
 
 # -- fork safety ----------------------------------------------------------------------------
@@ -382,8 +396,16 @@ def _check_fork_safe() -> None:
             "(numba then uses its fork-safe 'tbb' layer); see docs/api.md")
 
 
-def _counters(iterations: int, fallback: int) -> torch.Tensor:
-    return torch.tensor([iterations, fallback], dtype=torch.int64)
+def _histogram_size(iterations: int) -> int:
+    # a fixed length (the fake op must know it): updates run to 0..iterations + DAMPED_STEPS
+    return iterations + DAMPED_STEPS + 1
+
+
+def _counters(iterations: int, fallback: int, histogram: Sequence[int],
+              cap: int) -> torch.Tensor:
+    size = _histogram_size(cap)
+    padded = list(histogram)[:size] + [0] * max(0, size - len(histogram))
+    return torch.tensor([iterations, fallback, *padded], dtype=torch.int64)
 
 
 
@@ -411,7 +433,7 @@ def _ops_for(cell: CompiledCell):
     @forward.register_fake
     def _(h0, xs, ps, method, target, iterations, tol):
         return ([xs[0].new_empty(xs[0].shape) for _ in range(n_states + len(cell.outputs))]
-                + [torch.empty(2, dtype=torch.int64)])
+                + [torch.empty(2 + _histogram_size(iterations), dtype=torch.int64)])
 
     @torch.library.custom_op(base + "_backward", mutates_args=())
     def backward(gs: list[torch.Tensor], gy: list[torch.Tensor], h0: list[torch.Tensor],

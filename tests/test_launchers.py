@@ -56,9 +56,12 @@ def test_cpu_forward_returns_its_stats(name):
     # "auto" on the CPU is the sequential kernel, as for cell.apply
     assert _cpu.forward(module, h0s, xs, ps)[2] == ForwardStats("sequential")
 
-    # no Newton update allowed: the initial guess is not converged, every sequence falls back
+    # no Newton update allowed: the initial guess is not converged, every sequence falls back;
+    # fallbacks count (b, channel) pairs, batch entries for the dense elman (coupled channels)
     states, outputs, stats = _cpu.forward(module, h0s, xs, ps, method="newton", iterations=0)
-    assert (stats.method, stats.iterations, stats.fallback) == ("newton", 0, 2)
+    B, _, D = xs[0].shape
+    expected = B if name == "elman" else B * D
+    assert (stats.method, stats.iterations, stats.fallback) == ("newton", 0, expected)
     assert stats.residual > _defaults.default_tol("float64")
     assert stats.chunk == _defaults.CPU_TIME_CHUNK
     for a, b in zip(states + outputs, seq_states + seq_outputs, strict=True):
@@ -89,8 +92,8 @@ def test_defaults():
         name = str(dtype).removeprefix("torch.")
         assert _defaults.default_tol(dtype) == _defaults.default_tol(name) == (
             _defaults.TOL_FACTOR * torch.finfo(dtype).eps)
-    assert _defaults.default_iterations(torch.float64) == 5
-    assert _defaults.default_iterations("float32") == 3
+    assert _defaults.default_iterations(torch.float64) == 10
+    assert _defaults.default_iterations("float32") == 8
     with pytest.raises(ValueError, match="dtype"):
         _defaults.default_tol(torch.int32)
     assert _defaults.auto_backend(on_cuda=False, dense=True) == "cpu"
