@@ -287,7 +287,7 @@ def test_dump_dir_receives_generated_sources(tmp_path, monkeypatch, paracompile_
         cached = list(paracompile_cache_dir.rglob(name))
         assert len(cached) == 1
         assert (dump / name).read_text() == cached[0].read_text()
-    assert "def forward(" in next(dump.glob("*_cpu_float32_*")).read_text()
+    assert "def forward_sequential(" in next(dump.glob("*_cpu_float32_*")).read_text()
     # a second load finds the cache and dumps nothing new
     monkeypatch.setenv("PARACOMPILE_DUMP_DIR", str(tmp_path / "dump2"))
     paracompile.load(text)._modules("cpu", "float32")
