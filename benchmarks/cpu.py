@@ -1,9 +1,19 @@
-"""CPU benchmark: compiled kernels vs torch loops vs a memory floor (issue: CPU backend).
+"""CPU benchmark: compiled kernels vs torch loops vs memory floors (issue: CPU backend).
 
-For ParaGRU and ParaLSTM at B=4, D=256, T in {256, 1024, 4096}, float32: median times of the
-compiled sequential and Newton kernels, a torch sequential loop of the same cell, the torch
-reference Newton, and a memory floor (a torch op reading the inputs and writing the states
-once), forward and forward+backward. Prints a Markdown table and saves a plot.
+For ParaGRU and ParaLSTM at B=4, D=256, T in {256, 1024, 4096}, float32: the best (minimum)
+times of the compiled sequential and Newton forwards, the compiled backward alone, a torch
+sequential loop of the same cell, the torch reference Newton, and forward+backward through
+each. Prints a Markdown table and saves a plot.
+
+Memory floors: the time to move the bytes a pass must move, each touched once, at the
+bandwidth of a plain `torch` copy measured in the same run: the floor of a pass that moves N
+bytes is the best time of `dst.copy_(src)` with src and dst of N/2 bytes each (a copy reads
+N/2 and writes N/2). With k states, m inputs and o outputs, the forward reads the inputs
+and writes the states and outputs: m + k + o arrays of B*T*D values; the backward reads the
+state and output cotangents, the inputs and the states and writes the input cotangents:
+k + o + m + k + m arrays (h0, the parameters and their gradients are B*D or D values:
+negligible). Minimum, not median, because the machine may be shared: the minimum is the
+least disturbed run.
 
     python benchmarks/cpu.py [--threads 1] [--T 256 1024 4096] [--repeats 7] [--out DIR]
 """
@@ -12,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -24,14 +33,22 @@ import paracompile
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def median_ms(fn, repeats: int) -> float:
+def best_ms(fn, repeats: int) -> float:
     fn()  # warm up (and compile)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return min(times)
+
+
+def floor_ms(n_arrays: int, numel: int, repeats: int) -> float:
+    """The best time of a torch copy moving n_arrays * numel float32 values (half read, half
+    written): the memory floor of a pass that touches those arrays once."""
+    src = torch.ones(n_arrays * numel // 2)
+    dst = torch.empty_like(src)
+    return best_ms(lambda: dst.copy_(src), repeats)
 
 
 def make_args(cell, B: int, T: int, D: int, grad: bool):
@@ -46,30 +63,28 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     row: dict[str, float] = {}
     slow_repeats = 3 if T <= 1024 else 1  # the torch baselines take seconds at long T
     inputs, params = make_args(cell, B, T, D, grad=False)
-    k = len(cell.states)
-    stacked = torch.stack(list(inputs.values()))
-    outs = [torch.empty(B, T, D) for _ in range(k)]
-
-    def floor() -> None:
-        torch.sum(stacked, 0, out=outs[0])
-        for o in outs[1:]:
-            o.copy_(outs[0])
-
+    k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
+    row["fwd floor"] = floor_ms(m + k + o, B * T * D, repeats)
+    row["bwd floor"] = floor_ms(k + o + 2 * m + k, B * T * D, repeats)
     with torch.no_grad():
-        row["memory floor"] = median_ms(floor, repeats)
-        row["compiled sequential"] = median_ms(
+        row["compiled sequential"] = best_ms(
             lambda: cell.apply(inputs, params, method="sequential", backend="cpu"), repeats)
-        row["compiled newton"] = median_ms(
+        row["compiled newton"] = best_ms(
             lambda: cell.apply(inputs, params, method="newton", backend="cpu"), repeats)
-        row["torch loop"] = median_ms(
+        row["torch loop"] = best_ms(
             lambda: cell.apply(inputs, params, method="sequential", backend="torch"),
             slow_repeats)
         if slow_limit >= T:
-            row["torch newton (reference)"] = median_ms(
+            row["torch newton (reference)"] = best_ms(
                 lambda: cell.apply(inputs, params, method="newton", backend="torch"), 3)
 
     g_inputs, g_params = make_args(cell, B, T, D, grad=True)
     leaves = [*g_inputs.values(), *g_params.values()]
+    out = cell.apply(g_inputs, g_params, method="sequential", backend="cpu")
+    cotangents = [torch.randn_like(v) for v in out.values()]
+    # the backward alone: the compiled adjoint kernel and its host-side work
+    row["bwd compiled"] = best_ms(lambda: torch.autograd.grad(
+        list(out.values()), leaves, cotangents, retain_graph=True), repeats)
 
     def fwd_bwd(method: str, backend: str):
         def run() -> None:
@@ -78,12 +93,12 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
             torch.autograd.grad(loss, leaves)
         return run
 
-    row["fwd+bwd compiled sequential"] = median_ms(fwd_bwd("sequential", "cpu"), repeats)
-    row["fwd+bwd compiled newton"] = median_ms(fwd_bwd("newton", "cpu"), repeats)
-    row["fwd+bwd torch loop (autograd)"] = median_ms(fwd_bwd("sequential", "torch"),
+    row["fwd+bwd compiled sequential"] = best_ms(fwd_bwd("sequential", "cpu"), repeats)
+    row["fwd+bwd compiled newton"] = best_ms(fwd_bwd("newton", "cpu"), repeats)
+    row["fwd+bwd torch loop (autograd)"] = best_ms(fwd_bwd("sequential", "torch"),
                                                       slow_repeats)
     if slow_limit >= T:
-        row["fwd+bwd torch newton (reference)"] = median_ms(fwd_bwd("newton", "torch"), 3)
+        row["fwd+bwd torch newton (reference)"] = best_ms(fwd_bwd("newton", "torch"), 3)
     return row
 
 
@@ -112,23 +127,24 @@ def main() -> None:
             results[(cell.name, T)] = bench_cell(cell, args.B, T, args.D, args.repeats,
                                                  args.slow_limit)
     columns = list(dict.fromkeys(c for r in results.values() for c in r))
-    lines = ["| cell | T | " + " | ".join(columns) + " | seq vs loop | seq vs floor | "
-             "fwd+bwd vs autograd |",
-             "|---" * (len(columns) + 5) + "|"]
+    lines = ["| cell | T | " + " | ".join(columns) + " | seq vs loop | fwd vs floor | "
+             "bwd vs floor | fwd+bwd vs autograd |",
+             "|---" * (len(columns) + 6) + "|"]
     for (name, T), row in results.items():
         cells = [f"{row[c]:.2f}" if c in row else "-" for c in columns]
         speed = row["torch loop"] / row["compiled sequential"]
-        floor = row["compiled sequential"] / row["memory floor"]
-        bwd = row["fwd+bwd torch loop (autograd)"] / row["fwd+bwd compiled sequential"]
+        fwd = row["compiled sequential"] / row["fwd floor"]
+        bwd = row["bwd compiled"] / row["bwd floor"]
+        both = row["fwd+bwd torch loop (autograd)"] / row["fwd+bwd compiled sequential"]
         lines.append(f"| {name} | {T} | " + " | ".join(cells)
-                     + f" | {speed:.0f}x | {floor:.1f}x | {bwd:.0f}x |")
+                     + f" | {speed:.0f}x | {fwd:.1f}x | {bwd:.1f}x | {both:.0f}x |")
     table = "\n".join(lines)
-    print("\nmedian milliseconds\n")
+    print("\nbest milliseconds\n")
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu.md").write_text(f"CPU benchmark, B={args.B}, D={args.D}, float32, "
-                                f"{machine}\n\nmedian milliseconds\n\n{table}\n")
+                                f"{machine}\n\nbest (minimum) milliseconds\n\n{table}\n")
     try:
         import matplotlib
 
@@ -145,7 +161,7 @@ def main() -> None:
                       and column in r]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=column)
-        ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms (median)", title=name)
+        ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms (best)", title=name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"paracompile CPU, B={args.B}, D={args.D}, float32 ({machine})", fontsize=8)

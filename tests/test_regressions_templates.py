@@ -16,6 +16,7 @@ import pytest
 import paracompile
 from paracompile import _codegen
 from paracompile._analyse import analyse
+from paracompile._driver import metadata
 from paracompile._parse import parse_cell
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ output y = i_z - z
 
 def _source(text: str, target: str = "cpu", dtype: str = "float64") -> str:
     analysis = analyse(parse_cell(text, "<test>"))
-    return _codegen.render(analysis, target, dtype, {"name": analysis.ir.name, "version": "0"})
+    return _codegen.render(analysis, target, dtype, metadata(analysis, "test"))
 
 
 def test_templates_are_package_data() -> None:
@@ -52,8 +53,8 @@ def test_the_cache_fingerprint_covers_every_template() -> None:
 
 
 def test_render_context_is_frozen_and_documented() -> None:
-    ctx = _codegen.render_context(analyse(parse_cell(GATED, "<test>")), "cpu", "float32",
-                                  {"name": "Gated", "version": "0"})
+    analysis = analyse(parse_cell(GATED, "<test>"))
+    ctx = _codegen.render_context(analysis, "cpu", "float32", metadata(analysis, "test"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         ctx.k = 2  # type: ignore[misc]
     tree = ast.parse(inspect.getsource(_codegen.RenderContext))
@@ -109,7 +110,7 @@ def test_affine_functions_are_the_affine_map_algebra(entries) -> None:  # noqa: 
 
 @pytest.mark.parametrize("target", ["cpu", "cudasim"])
 def test_kernels_call_the_generated_affine_functions(target: str) -> None:
-    source = _source(paracompile.load(ROOT / "cells" / "paralstm.cell").meta["source"], target)
+    source = _source(paracompile.load(ROOT / "cells" / "paralstm.cell").meta.source, target)
     for name in ("affine_compose", "affine_apply"):
         assert f"def {name}(" in source and f"= {name}(" in source
     if target == "cudasim":

@@ -1,0 +1,72 @@
+"""The per-channel CPU kernels' channel loops vectorise with no runtime overlap checks.
+
+numba marks a parallel kernel's array arguments noalias only when no variable in it may alias
+another; with `h_prev = h0_ if t == 0 else s` it does not, and LLVM then guards the vectorised
+channel loop with an overlap check per pair of arrays. ParaLSTM's backward and Newton
+linearise kernels had more pairs than LLVM allows and ran scalar: 5-15x slower (see
+docs/benchmarks.md). Compiled here without numba's cache, which disables inspection.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from paracompile._analyse import analyse
+from paracompile._codegen import render, render_context
+from paracompile._driver import metadata
+from paracompile._parse import parse_cell
+
+CELLS = Path(__file__).resolve().parent.parent / "cells"
+_PACKED = re.compile(r"= (fmul|fadd|fsub)\b[^\n]*<(4|8|16) x float>")
+
+
+@pytest.fixture(scope="module", params=["paragru", "paralstm"])
+def module(request, tmp_path_factory):
+    name = request.param
+    analysis = analyse(parse_cell((CELLS / f"{name}.cell").read_text(), f"{name}.cell"))
+    meta = metadata(analysis, "test")
+    source = render(analysis, "cpu", "float32", meta)
+    path = tmp_path_factory.mktemp("vectorise") / f"vec_{name}.py"
+    path.write_text(source.replace("cache=True", "cache=False"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return render_context(analysis, "cpu", "float32", meta), mod
+
+
+def _call(ctx, mod, kernel: str, B: int, T: int, D: int, LT: int = 1) -> str:
+    """Run `kernel` once on small arrays sized from its argument names; its LLVM IR."""
+    nt = (T + LT - 1) // LT
+    sizes = {"h0_": B * D, "gh0_": B * D, "gp": B * D, "p": D, "chunk_A": B * nt * D,
+             "chunk_v": B * nt * D, "resid": ctx.k * B * nt * D, "scale": ctx.k * B * nt * D,
+             "B": B, "T": T, "D": D, "LT": LT}
+    args: list = []
+    for arg in ctx.kernel_args[kernel]:
+        group = re.fullmatch(r"(h0_|gh0_|[A-Za-z_]+?)[\d_]*", arg).group(1)
+        size = sizes.get(group, B * T * D)  # x, s, fval, jac, gs, gy, gx: (B, T, D)
+        args.append(size if arg in ("B", "T", "D", "LT") else np.full(size, 0.5, np.float32))
+    fn = getattr(mod, kernel)
+    fn(*args)
+    return "\n".join(fn.inspect_llvm().values())
+
+
+def _check(llvm_ir: str) -> None:
+    assert _PACKED.search(llvm_ir), "no packed float arithmetic: the channel loop is scalar"
+    # a few checks between the slots of one output array (ParaLSTM's two residual rows) are
+    # fine; one per pair of arrays is what made ParaLSTM's kernels run scalar
+    assert llvm_ir.count("found.conflict") <= 8, "runtime overlap checks between arrays"
+
+
+def test_backward_adjoint_vectorises(module) -> None:
+    ctx, mod = module
+    _check(_call(ctx, mod, "backward_adjoint", B=1, T=3, D=32))
+
+
+def test_newton_linearise_vectorises(module) -> None:
+    ctx, mod = module
+    _check(_call(ctx, mod, "newton_linearise", B=1, T=4, D=32, LT=2))
