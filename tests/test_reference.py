@@ -300,7 +300,8 @@ def test_hard_cell_needs_extra_iterations_and_still_matches():
         torch.testing.assert_close(gn, gs, rtol=1e-10, atol=1e-10)
 
     # capped below what it needs: falls back to the loop, and says so
-    s_cap, _, info = R.newton(bistable, h0, xs, ps, dense=False, max_iterations=5)
+    s_cap, _, info = R.newton(bistable, h0, xs, ps, dense=False, iterations=3,
+                              max_iterations=5)
     assert info.fell_back and info.converged and info.iterations == 5 and info.needed_extra
     assert maxdiff(s_cap, s_seq) == 0
 

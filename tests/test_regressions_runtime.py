@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # conftest and paracompile, also a
 from conftest import CELLS_DIR, make_case, max_rel_err, shipped  # noqa: E402
 
 import paracompile  # noqa: E402
-from paracompile._defaults import default_tol  # noqa: E402
+from paracompile._defaults import DAMPED_STEPS, default_tol  # noqa: E402
 
 # h' = tanh(0.99 h + x) with x ~ 1e-8: the states stay around 1e-7, so a residual scaled by
 # 1 + |h| accepts the initial guess f(0, x_t) = tanh(x_t), which is 99% off.
@@ -216,8 +216,8 @@ def test_bad_argument_types(kw, arg):
 def test_stats_under_concurrent_apply(warm):
     """Several threads apply two cell objects with the same key (and one object from two
     threads): each object counts exactly its own calls. iterations=0 makes every sequence
-    fall back, so each call's count is its batch size. Cold: the threads' first calls also
-    import the kernels' module concurrently."""
+    fall back, so each call's count is its number of (sequence, channel) pairs. Cold: the
+    threads' first calls also import the kernels' module concurrently."""
     first = paracompile.load(CELLS_DIR / "paragru.cell")
     second = paracompile.load(CELLS_DIR / "paragru.cell")
     assert first.key == second.key
@@ -226,12 +226,13 @@ def test_stats_under_concurrent_apply(warm):
         first.apply(xs, ps, h0, method="newton", backend="cpu", iterations=0)
         first.stats = type(first.stats)()
     calls = 60
+    D = 2
     jobs = [(first, 1), (first, 2), (second, 3), (second, 4)]
     errors: list[BaseException] = []
 
     def work(cell, B):
         try:
-            xs, ps, h0 = make_case(cell, B, 6, 2)
+            xs, ps, h0 = make_case(cell, B, 6, D)
             for _ in range(calls):
                 cell.apply(xs, ps, h0, method="newton", backend="cpu", iterations=0)
         except BaseException as e:  # reported below
@@ -249,21 +250,27 @@ def test_stats_under_concurrent_apply(warm):
         sys.setswitchinterval(interval)
     assert not errors, errors
     assert (first.stats.calls, second.stats.calls) == (2 * calls, 2 * calls)
-    assert first.stats.fallback_sequences == calls * (1 + 2)
-    assert second.stats.fallback_sequences == calls * (3 + 4)
+    assert first.stats.fallback_sequences == calls * (1 + 2) * D
+    assert second.stats.fallback_sequences == calls * (3 + 4) * D
     assert first.stats.iterations == second.stats.iterations == 0
 
 
 def test_torch_backend_newton_is_capped_and_counted():
-    """The torch backend's Newton stops at `iterations` like the compiled backends: the
-    unconverged sequences are recomputed by the loop and counted in cell.stats."""
+    """The torch backend's Newton stops at `iterations` (+ the damped steps) like the compiled
+    backends: the unconverged sequences are recomputed by the loop and counted in
+    cell.stats."""
     cell = paracompile.load(CELLS_DIR / "paragru.cell")
     xs, ps, h0 = make_case(cell, 3, 50, 4)
     seq = cell.apply(xs, ps, h0, method="sequential", backend="torch")
-    new = cell.apply(xs, ps, h0, method="newton", backend="torch", iterations=1)
-    assert cell.stats.last == {"iterations": 1, "fallback_sequences": 3}
+    new = cell.apply(xs, ps, h0, method="newton", backend="torch", iterations=0)
+    assert cell.stats.last == {"iterations": 0, "fallback_sequences": 3, "histogram": []}
     assert cell.stats.calls == 1
     assert max_rel_err(new.values(), seq.values()) < 1e-15
+    new = cell.apply(xs, ps, h0, method="newton", backend="torch", iterations=1)
+    last = cell.stats.last
+    assert last["iterations"] <= 1 + DAMPED_STEPS
+    assert sum(last["histogram"]) + last["fallback_sequences"] == 3
+    assert max_rel_err(new.values(), seq.values()) < 1e-12
     cell.apply(xs, ps, h0, method="newton", backend="torch", iterations=8)
     assert cell.stats.last["fallback_sequences"] == 0 and cell.stats.last["iterations"] <= 8
 
