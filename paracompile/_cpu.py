@@ -61,8 +61,11 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
     mask = np.ones(B * nd, np.uint8)
     if method == "newton":
         run = _Newton(module, h0, x, (*p, *M), s, (B, T, D), tol, chunk)
-        # damped updates only follow plain ones: iterations=0 asks for no Newton update
-        bad = run.solve(iterations, _defaults.DAMPED_STEPS if iterations else 0)  # (B, D)
+        # damped updates only follow plain ones: iterations=0 asks for no Newton update.
+        # A diverging iterate holds inf/NaN: it is flagged unconverged and recomputed, so
+        # numpy's warnings about it (damped steps, residual ratios) would only be noise.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            bad = run.solve(iterations, _defaults.DAMPED_STEPS if iterations else 0)  # (B, D)
         if dense:
             bad = np.repeat(bad.any(axis=1, keepdims=True), D, axis=1)
         if module.OUTPUTS_KERNEL:

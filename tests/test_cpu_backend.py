@@ -38,7 +38,7 @@ from conftest import (
 )
 
 import paracompile
-from paracompile._defaults import default_tol
+from paracompile._defaults import DAMPED_STEPS, default_tol
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 METHODS = ("sequential", "newton")
@@ -193,7 +193,8 @@ def logistic():
 @pytest.mark.parametrize("dtype_name", DTYPES)
 def test_chaotic_cell_falls_back_to_sequential(logistic, dtype_name):
     """The logistic map at r = 3.9 (x = +10) is chaotic: Newton's linearisation cannot
-    converge in 3 iterations, those sequences (1 and 2) are recomputed sequentially, and their
+    converge in 3 iterations nor in the damped steps after them, those sequences (1 and 2) are
+    recomputed sequentially (counted per (sequence, channel)), and their
     answer (and gradient) is the sequential kernel's, bit for bit. Sequence 0 has r ~ 0
     (x = -10): it converges at once and keeps Newton's answer."""
     cell = logistic
@@ -210,8 +211,9 @@ def test_chaotic_cell_falls_back_to_sequential(logistic, dtype_name):
     new_out, new_grads = run(cell, cast(xs, dtype, True), {}, cast(h0, dtype, True),
                              {"h": torch.ones(Bc, T, D)}, method="newton", backend="cpu",
                              iterations=3)
-    assert cell.stats.last == {"iterations": 3, "fallback_sequences": Bc - 1}
-    assert cell.stats.fallback_sequences == before + Bc - 1
+    assert cell.stats.last == {"iterations": 3 + DAMPED_STEPS,
+                               "fallback_sequences": (Bc - 1) * D, "histogram": [0, D]}
+    assert cell.stats.fallback_sequences == before + (Bc - 1) * D
     assert torch.equal(new_out[0][1:], seq_out[0][1:])
     for a, b in zip(new_grads, seq_grads, strict=True):
         assert torch.equal(a[1:], b[1:])
