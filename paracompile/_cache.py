@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
@@ -115,6 +117,23 @@ def fingerprint(*texts: str) -> str:
     for text in texts:
         h.update(hashlib.sha256(text.encode()).digest())
     return h.hexdigest()
+
+
+def package_fingerprint() -> str:
+    """A hash of every source file of the installed paracompile package (Python, grammar,
+    templates). A built module records it: its kernels were rendered for the launchers of
+    exactly this package, and a launcher of another one may lay out its grid or arguments
+    differently (see `_runtime.cell_from_sources`). Reads files only: no compiler needed."""
+    return _package_fingerprint()
+
+
+@functools.cache
+def _package_fingerprint() -> str:
+    root = resources.files("paracompile")
+    files = sorted((f"{d.name}/{f.name}" if d is not root else f.name, f)
+                   for d in (root, root.joinpath("templates"))
+                   for f in d.iterdir() if f.name.endswith((".py", ".lark", ".jinja")))
+    return fingerprint(*(f"{name}\n{f.read_text(encoding='utf-8')}" for name, f in files))
 
 
 def write_atomic(path: Path, text: str, *, overwrite: bool = True) -> None:

@@ -41,6 +41,7 @@ from ._defaults import (
 )
 from ._layer import layer_class
 from ._meta import CellMeta
+from ._version import __version__
 
 # (target, dtype) -> generated module; supplied by the driver (render + cache) or a built file
 ModuleProvider = Callable[[str, str], ModuleType]
@@ -327,12 +328,23 @@ class CompiledCell:
         return _cuda
 
 
-def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str]) -> CompiledCell:
+def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str],
+                      package: str | None = None) -> CompiledCell:
     """A cell from its metadata (`CellMeta.to_dict`) and pre-rendered module sources
     ("target/dtype" -> text), as written by `paracompile build`: each source is materialised
     in the cache (content-addressed) and imported, so numba's cache works for built modules
-    too. Its layers pickle by these two arguments: unpickling needs no compiler either."""
+    too. Its layers pickle by these arguments: unpickling needs no compiler either.
+
+    package: `_cache.package_fingerprint()` of the paracompile that built it (None: a build
+    older than this check). The kernels were rendered for that package's launchers, so any
+    other package is refused (ImportError): running them would risk wrong answers."""
     info = CellMeta.from_dict(meta)
+    if package != _cache.package_fingerprint():
+        raise ImportError(
+            f"cell {info.name} was built by another version of paracompile (built by "
+            f"{info.version}; this is {__version__}, with different sources): its kernels may "
+            f"not match this runtime. Rebuild it: paracompile build <the .cell file> "
+            f"(or paracompile.load the .cell file directly)")
 
     def module(target: str, dtype: str) -> ModuleType:
         source = sources.get(f"{target}/{dtype}")
@@ -345,7 +357,7 @@ def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str]) -> Co
 
     cached = functools.cache(module)
     return CompiledCell(info, cached, cached("torch", "any").torch_step,
-                        functools.partial(cell_from_sources, meta, sources))
+                        functools.partial(cell_from_sources, meta, sources, package))
 
 
 @torch.compiler.disable

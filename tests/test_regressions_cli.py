@@ -5,6 +5,8 @@
 * No input gives the CLI a traceback: user errors exit 1 with a message, anything unexpected
   exits 2 as an internal error.
 * A cell name too long for file names is a positioned CellError (check, load and build).
+* A built module refuses to load under another paracompile (its kernels were rendered for
+  the launchers of the one that built it): an ImportError that says to rebuild.
 * A damaged cache entry (generated module, metadata, numba's index or data file) is discarded
   with a CacheWarning and rebuilt; an unusable cache directory falls back to a private
   temporary one, with a warning naming PARACOMPILE_CACHE_DIR.
@@ -43,6 +45,37 @@ def import_path(path: Path, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# -- a built module belongs to the paracompile that built it ------------------------------------
+
+@pytest.mark.parametrize("edit", [
+    ("PACKAGE = '", "PACKAGE = '0"),  # built by another paracompile's sources
+    ("cell_from_sources(META, SOURCES, PACKAGE)", "cell_from_sources(META, SOURCES)"),  # older
+])
+def test_a_module_built_by_another_paracompile_says_rebuild(tmp_path: Path, edit) -> None:
+    built = _driver.build(write_cell(tmp_path, "Stale"), tmp_path)
+    assert import_path(built, "stale").cell.name == "Stale"  # as built: it loads
+    text = built.read_text(encoding="utf-8")
+    assert edit[0] in text
+    built.write_text(text.replace(edit[0], edit[1], 1), encoding="utf-8")
+    with pytest.raises(ImportError, match=r"cell Stale was built by another version of "
+                       r"paracompile .*Rebuild it: paracompile build"):
+        import_path(built, "stale_edited")
+
+
+def test_the_package_fingerprint_covers_the_templates(monkeypatch) -> None:
+    before = _cache.package_fingerprint()
+    assert before == _cache.package_fingerprint()  # stable
+    monkeypatch.setattr(_cache, "_package_fingerprint", _cache._package_fingerprint.__wrapped__)
+    real = Path.read_text
+
+    def edited(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        text = real(path, *args, **kwargs)
+        return text + "#" if path.name == "cuda.py.jinja" else text
+
+    monkeypatch.setattr(Path, "read_text", edited)
+    assert _cache.package_fingerprint() != before
 
 
 # -- build: never overwrite or shadow ------------------------------------------------------------
