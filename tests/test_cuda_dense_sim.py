@@ -250,6 +250,32 @@ def test_the_launcher_has_the_shared_interface():
     assert parameters(_cuda_dense.backward, {"threads"}) == parameters(_cpu.backward, set())
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["elman", "mix"])
+def test_dense_kernels_on_a_gpu(name, dtype):
+    """On a real GPU (skipped elsewhere): backend="auto" on CUDA tensors runs these kernels;
+    D = 300 is more channels than the default 256 threads of a block."""
+    if not torch.cuda.is_available() or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("needs a CUDA GPU (numba.cuda in GPU mode)")
+    cell = _load(name)
+    xs, ps, h0, cot = _data(cell, 3, 40, 300)
+    t = getattr(torch, dtype)
+    run = [{n: v.to("cuda", t).requires_grad_() for n, v in d.items()} for d in (xs, ps, h0)]
+    ref_leaves = [{n: v.clone().requires_grad_() for n, v in d.items()} for d in (xs, ps, h0)]
+    ref = cell.apply(*ref_leaves, method="sequential", backend="torch")
+    out = cell.apply(*run)
+    assert cell._launcher("cuda") is _cuda_dense
+    flat = [v for d in run for v in d.values()]
+    flat_ref = [v for d in ref_leaves for v in d.values()]
+    g = torch.autograd.grad(sum((out[n] * cot[n].to("cuda", t)).sum() for n in out), flat)
+    g_ref = torch.autograd.grad(sum((ref[n] * cot[n]).sum() for n in ref), flat_ref)
+    tol = 1e-10 if dtype == "float64" else 2e-5
+    for n in ref:
+        assert _err(out[n].cpu(), ref[n]) <= tol, n
+    for a, b in zip(g, g_ref, strict=True):
+        assert _err(a.cpu(), b) <= tol
+
+
 # -- PTX: both kernels compile for sm_80 and sm_90 without spills ---------------------------------
 
 def _signatures(module) -> dict[str, tuple]:
