@@ -316,7 +316,8 @@ class RenderContext:
 
 
 def _kernel_args(k: int, m: int, q: int, o: int, entries: tuple[tuple[int, int], ...],
-                 n_matrices: int, target: Target) -> dict[str, tuple[str, ...]]:
+                 n_matrices: int, target: Target, n_matvecs: int = 0
+                 ) -> dict[str, tuple[str, ...]]:
     """Argument names of every kernel, in calling order. Each group is one flat array per
     state, input, ...: h0_ initial states, x inputs, p params, M matrices, s states, y
     outputs, g<group> their gradients; Newton's work arrays: fval f(h_{t-1}) at each step, jac
@@ -326,6 +327,9 @@ def _kernel_args(k: int, m: int, q: int, o: int, entries: tuple[tuple[int, int],
                       _vector("y", o))
     gs, gy, gh0, gx, gp = (_vector("gs", k), _vector("gy", o), _vector("gh0_", k),
                            _vector("gx", m), _vector("gp", q))
+    if target != "cpu" and n_matrices:
+        return _dense_cuda_kernel_args(h0, x, p, s, y, gs, gy, gh0, gx, gp,
+                                       n_matrices=n_matrices, n_matvecs=n_matvecs)
     if target != "cpu":
         return {
             "newton_kernel": (*h0, *x, *p, *s, *y, "status", "resid", "B", "T", "D", "chunk",
@@ -350,6 +354,21 @@ def _kernel_args(k: int, m: int, q: int, o: int, entries: tuple[tuple[int, int],
         "newton_fixup": (*fval, *jac, *carry, *s, "B", "T", "D", "LT"),
         "forward_outputs": (*inputs, *s, *y, "B", "T", "D", "LT"),
         "backward_adjoint": (*gs, *gy, *inputs, *s, *gh0, *gx, *gp, *gmats, "B", "T", "D"),
+    }
+
+
+def _dense_cuda_kernel_args(*groups: list[str], n_matrices: int, n_matvecs: int
+                            ) -> dict[str, tuple[str, ...]]:
+    """The CUDA kernels of a dense cell (`cuda_dense.py.jinja`): M the matrices, MT their
+    transposes, and per matrix product its cotangent gu and operand v at every step.
+    `groups`: the names h0, x, p, s, y, gs, gy, gh0, gx, gp of `_kernel_args`."""
+    h0, x, p, s, y, gs, gy, gh0, gx, gp = groups
+    mats, mats_t = _vector("M", n_matrices), _vector("MT", n_matrices)
+    gu, v = _vector("gu", n_matvecs), _vector("v", n_matvecs)
+    return {
+        "dense_sequential_kernel": (*h0, *x, *p, *mats_t, *s, *y, "B", "T", "D"),
+        "dense_backward_kernel": (*gs, *gy, *h0, *x, *p, *mats, *mats_t, *s, *gh0, *gx, *gp,
+                                  *gu, *v, "B", "T", "D"),
     }
 
 
@@ -407,11 +426,12 @@ def kernel_context(
         libm_helpers=tuple(libm_helpers(target, dtype)),
         functions=tuple(functions),
         affine_functions=tuple(affine_functions(k, tuple(jac_entries))),
-        kernel_args=_kernel_args(k, m, q, o, tuple(jac_entries), n_matrices, target),
+        kernel_args=_kernel_args(k, m, q, o, tuple(jac_entries), n_matrices, target,
+                                 len(matvec_matrix)),
         legend=legend,
         meta=meta,
-        kernels={"cpu": "cpu_dense.py.jinja" if matvec_matrix else "cpu.py.jinja",
-                 "cuda": "cuda.py.jinja", "cudasim": "cuda.py.jinja"}[target],
+        kernels=("cpu" if target == "cpu" else "cuda") + ("_dense" if matvec_matrix else "")
+        + ".py.jinja",
     )
 
 
@@ -419,10 +439,6 @@ def render_context(analysis: Analysis, target: Target, dtype: DType, meta: CellM
                    ) -> RenderContext:
     """The typed context of `render` for one (cell, target, dtype)."""
     a = analysis
-    if a.matvecs and target != "cpu":
-        raise NotImplementedError(
-            f"cell {a.ir.name}: the CUDA backend does not support matrix parameters yet "
-            "(structure dense); use backend='cpu' or 'torch'")
     return kernel_context(
         target, dtype, k=a.k, m=len(a.inputs), o=len(a.outputs),
         param_kinds=tuple(p.kind for p in a.ir.params if p.kind != "matrix"),

@@ -71,17 +71,16 @@ def simulator_enabled() -> bool:
 
 
 def auto_backend(*, on_cuda: bool, dense: bool) -> str:
-    """backend="auto": "cuda" for CUDA tensors ("torch" for a dense cell, which has no CUDA
-    kernels yet: its reference loop runs on the GPU), "cpu" otherwise."""
-    if on_cuda:
-        return "torch" if dense else "cuda"
-    return "cpu"
+    """backend="auto": "cuda" for CUDA tensors, "cpu" otherwise (for every structure:
+    `dense` does not change the choice)."""
+    return "cuda" if on_cuda else "cpu"
 
 
 def auto_method(backend: str, *, dense: bool) -> str:
     """method="auto" on `backend`: Newton on CUDA (parallel in time pays off on a GPU at any
     length), the sequential kernel elsewhere (on the CPU the parallelism over batch and
-    channels already fills the cores)."""
+    channels already fills the cores) and for dense cells on CUDA (their CUDA kernels are
+    sequential: there is no dense Newton kernel)."""
     return "newton" if backend == "cuda" and not dense else "sequential"
 
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 RUNTIME_ONLY = frozenset({
     "__init__.py", "__main__.py", "_cli.py",  # entry points
     "_runtime.py", "_layer.py", "_checks.py",  # CompiledCell, its ops, layer, argument checks
-    "_cpu.py", "_cuda.py",  # the host drivers that launch the kernels
+    "_cpu.py", "_cuda.py", "_cuda_dense.py",  # the host drivers that launch the kernels
     "_reference.py",  # the pure-torch reference backend
     "_ptx.py",  # a resource report of compiled CUDA kernels
     "_cache.py", "_version.py",  # their format and version are parts of every key already
@@ -222,8 +222,7 @@ def build(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
         if target.exists() and not replace:
             raise _exists(target)
     targets = [("cpu", "float32"), ("cpu", "float64"), ("torch", "any")]
-    if meta.structure != "dense":
-        targets += [(t, d) for t in ("cuda", "cudasim") for d in ("float32", "float64")]
+    targets += [(t, d) for t in ("cuda", "cudasim") for d in ("float32", "float64")]
     sources = {f"{t}/{d}": render_module(compiler.analysis, meta, t, d) for t, d in targets}
     # the file name goes into a docstring: escaped so that quotes, backslashes or newlines
     # in it cannot end the string

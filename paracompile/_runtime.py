@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import _cache, _cpu, _cuda, _reference
+from . import _cache, _cpu, _cuda, _cuda_dense, _reference
 from ._checks import (
     COMPUTE_DTYPES,
     check_choice,
@@ -270,10 +270,11 @@ class CompiledCell:
         if backend == "cuda" and not x.is_cuda and not simulator_enabled():
             raise ValueError("backend='cuda' needs CUDA tensors, or CPU tensors with "
                              "NUMBA_ENABLE_CUDASIM=1 set to run numba's CUDA simulator")
-        if backend == "cuda" and self.dense:
-            raise NotImplementedError(f"cell {self.name} is dense (it has a matrix parameter): "
-                                      "the CUDA backend does not support it yet; use "
-                                      "backend='cpu' or 'torch'")
+        if backend == "cuda" and self.dense and method == "newton":
+            raise ValueError(f"method='newton' is not available for cell {self.name} on CUDA: "
+                             "it is dense (a matrix parameter couples the channels), and its "
+                             "CUDA kernel runs sequentially; use method='sequential' or "
+                             "'auto', or backend='cpu' or 'torch' for Newton")
         return resolve_method(method, backend, dense=self.dense), backend
 
     # -- kernels behind the ops ----------------------------------------------------------------
@@ -319,13 +320,12 @@ class CompiledCell:
             self._module(target, xs[0].dtype), gs, gy, h0s, xs, ps, ss)
         return [*g_h0s, *g_xs, *g_ps]
 
-    @staticmethod
-    def _launcher(target: str) -> ModuleType:
-        """The launcher of `target`'s kernels (both have the interface of `_backend`)."""
+    def _launcher(self, target: str) -> ModuleType:
+        """The launcher of `target`'s kernels (all have the interface of `_backend`)."""
         if target == "cpu":
             _check_fork_safe()
             return _cpu
-        return _cuda
+        return _cuda_dense if self.dense else _cuda
 
 
 def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str],

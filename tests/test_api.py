@@ -314,11 +314,12 @@ def test_cuda_backend_without_cuda_or_simulator(gru, monkeypatch):
         gru.apply(xs, ps, backend="cuda")
 
 
-def test_cuda_backend_for_dense_cell_is_refused_clearly(elman, monkeypatch):
+def test_newton_on_cuda_for_dense_cell_is_refused_clearly(elman, monkeypatch):
+    # dense cells have sequential CUDA kernels (tests/test_cuda_dense_sim.py), no Newton one
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")  # only the check reads it here
     xs, ps, _ = args(elman)
-    with pytest.raises(NotImplementedError, match="backend='cpu'"):
-        elman.apply(xs, ps, backend="cuda")
+    with pytest.raises(ValueError, match="method='newton'.*method='sequential'"):
+        elman.apply(xs, ps, method="newton", backend="cuda")
 
 
 @pytest.mark.parametrize("iterations", [-1, -100])

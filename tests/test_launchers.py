@@ -99,8 +99,9 @@ def test_defaults():
         _defaults.default_tol(torch.int32)
     assert _defaults.auto_backend(on_cuda=False, dense=True) == "cpu"
     assert _defaults.auto_backend(on_cuda=True, dense=False) == "cuda"
-    assert _defaults.auto_backend(on_cuda=True, dense=True) == "torch"
+    assert _defaults.auto_backend(on_cuda=True, dense=True) == "cuda"
     assert _defaults.resolve_method("auto", "cuda", dense=False) == "newton"
+    assert _defaults.resolve_method("auto", "cuda", dense=True) == "sequential"
     assert _defaults.resolve_method("auto", "cpu", dense=False) == "sequential"
     assert _defaults.resolve_method("newton", "cpu", dense=True) == "newton"
     with pytest.raises(ValueError, match="method"):

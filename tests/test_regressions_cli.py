@@ -30,7 +30,7 @@ from paracompile import _cache, _cli, _driver
 from paracompile._cache import CacheWarning
 from paracompile._cli import main
 
-# a dense cell: `build` renders only its CPU and torch modules
+# a dense cell
 DENSE = "cell {name}\nstate h\ninput x\nparam W : matrix\nh' = tanh(W @ h + x)\n"
 
 
