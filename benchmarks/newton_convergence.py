@@ -100,7 +100,7 @@ def main() -> None:
           "max rel. |newton - sequential| | newton s |")
     print("|---|---|---|---|---|---|---|---|")
     for regime in args.regimes:
-        for name, cell in cells.items():
+        for cell in cells.values():
             for dtype in (torch.float32, torch.float64):
                 for T in args.T:
                     r = run(cell, regime, args.B, T, args.D, dtype, args.backend)
