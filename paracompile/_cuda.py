@@ -28,7 +28,13 @@ from ._backend import ForwardStats
 
 WARP = 32
 MAX_THREADS = 1024
-DEFAULT_THREADS = 256  # max threads per block (one block per sequence (b, c))
+# newton_kernel / backward_kernel: a block is 32 channels x (threads / 32) time warps.
+# 16 warps keep any cell of <= 128 registers per thread within the 64K register file.
+DEFAULT_THREADS = 512
+# Steps per thread and pass: >= 8 so that the per-pass serial scan over the warps (one
+# affine apply per warp) stays small next to the chunk's work; <= 32 so that a pass's span
+# (512 steps at 16 warps) of inputs and states stays in L2 between its two sweeps.
+MIN_CHUNK, MAX_CHUNK = 8, 32
 
 
 def _cuda():
@@ -42,27 +48,37 @@ def _torch_dtype(module) -> torch.dtype:
 
 
 def launch_config(T: int, *, chunk: int | None = None, threads: int | None = None,
-                  max_threads: int = DEFAULT_THREADS) -> tuple[int, int]:
-    """(threads per block, chunk length) for one sequence of length T.
+                  max_threads: int = DEFAULT_THREADS, limit: int = MAX_THREADS
+                  ) -> tuple[int, int]:
+    """(threads per block, chunk length) of the fused kernels for sequences of length T.
 
-    Each thread owns ``chunk`` consecutive steps; a block covers ``threads * chunk`` steps per
-    pass and loops over passes for longer sequences.  Defaults: chunk in [2, 16] so that one
-    pass of ``max_threads`` threads covers the sequence when possible, and the fewest warps
-    that cover T in one pass.
+    A block runs 32 channels (its lanes) of one batch entry with ``threads / 32`` time warps;
+    in each pass, every thread composes ``chunk`` consecutive steps of its channel, so a pass
+    covers ``threads / 32 * chunk`` steps and longer sequences loop over passes.  Defaults:
+    chunk = clamp(ceil(T / warps), MIN_CHUNK, MAX_CHUNK) for ``max_threads / 32`` warps, and the
+    fewest warps that cover T in one pass.  ``limit`` is the module's bound (its shared arrays
+    are sized for ``CUDA_MAX_WARPS``); explicit ``threads`` must be a multiple of 32 in
+    [32, limit].
     """
+    limit = min(int(limit), MAX_THREADS)
+    max_warps = max(1, min(max_threads, limit) // WARP)
     if chunk is None:
-        chunk = min(16, max(2, math.ceil(T / max_threads)))
+        chunk = min(MAX_CHUNK, max(MIN_CHUNK, math.ceil(T / max_warps)))
     chunk = int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if threads is None:
-        need = max(1, math.ceil(T / chunk))
-        threads = min(max_threads, WARP * math.ceil(need / WARP))
+        threads = WARP * min(max_warps, max(1, math.ceil(T / chunk)))
     threads = int(threads)
-    if threads < WARP or threads % WARP or threads > MAX_THREADS:
-        raise ValueError(f"threads must be a multiple of {WARP} in [{WARP}, {MAX_THREADS}], "
+    if threads < WARP or threads % WARP or threads > limit:
+        raise ValueError(f"threads must be a multiple of {WARP} in [{WARP}, {limit}], "
                          f"got {threads}")
     return threads, chunk
+
+
+def fused_grid(B: int, D: int) -> int:
+    """Blocks of the fused kernels: one per batch entry and tile of 32 channels."""
+    return B * math.ceil(D / WARP)
 
 
 class _Ctx:
@@ -152,7 +168,8 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
     tol: bound on the normwise relative residual of the returned iterate, per sequence
     (b, c) and state: max_t |h_t - f(h_{t-1}, x_t)| <= tol * max_t |h_t| (default
     `_defaults.default_tol`; see docs/numerics.md).
-    chunk, threads: the launch configuration (default `launch_config`'s).
+    chunk, threads: the fused kernel's launch configuration (default `launch_config`'s):
+    steps per thread and pass, and threads per block (32 channels x threads / 32 time warps).
 
     Returns (states: k tensors (B, T, D), outputs: o tensors (B, T, D), stats), where
     stats.fallback counts sequences (b, c) rerun sequentially.
@@ -181,10 +198,11 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
         _run_sequential(module, ctx, idx, args, outs, (B, T, D))
         return states, outputs, stats
 
-    nthr, chunk = launch_config(T, chunk=chunk, threads=threads)
+    nthr, chunk = launch_config(T, chunk=chunk, threads=threads,
+                                limit=WARP * module.CUDA_MAX_WARPS)
     status = ctx.empty(B, D, dtype=torch.int32)
     resid = ctx.empty(B, D)
-    ctx.launch(module.newton_kernel, B * D, nthr, *args, *outs, ctx.view(status),
+    ctx.launch(module.newton_kernel, fused_grid(B, D), nthr, *args, *outs, ctx.view(status),
                ctx.view(resid), B, T, D, chunk, iterations, tol)
     status_h = status.cpu()  # synchronises the stream
     bad = (status_h < 0).flatten().nonzero().flatten()
@@ -215,7 +233,8 @@ def backward(module, g_states: Sequence[torch.Tensor | None],
 
     g_states: k tensors (B, T, D) (None means zeros); g_outputs: o tensors (B, T, D) or None;
     states: the forward states.  method: "parallel" (fused reverse-time reduction, one block
-    per (b, c)) or "sequential" (one thread per (b, c)).
+    per 32 channels of a batch entry) or "sequential" (one thread per (b, c)).
+    chunk, threads: as for `forward`.
     Returns (g_h0s: k (B, D), g_xs: m (B, T, D), g_ps: q tensors shaped like ps).
     """
     _check(module, h0s, xs, ps)
@@ -239,8 +258,9 @@ def backward(module, g_states: Sequence[torch.Tensor | None],
                 + [ctx.view(t) for t in g_h0s] + [ctx.view(t) for t in g_xs]
                 + [ctx.view(t) for t in g_parts])
         if method == "parallel":
-            nthr, chunk = launch_config(T, chunk=chunk, threads=threads)
-            ctx.launch(module.backward_kernel, B * D, nthr, *args, B, T, D, chunk)
+            nthr, chunk = launch_config(T, chunk=chunk, threads=threads,
+                                        limit=WARP * module.CUDA_MAX_WARPS)
+            ctx.launch(module.backward_kernel, fused_grid(B, D), nthr, *args, B, T, D, chunk)
         elif method == "sequential":
             block = 128 if not ctx.sim else 32
             ctx.launch(module.backward_sequential_kernel, (B * D + block - 1) // block, block,
