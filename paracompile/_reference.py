@@ -378,7 +378,8 @@ class NewtonInfo:
     converged: the final residual is within ``tol`` (always true after a fallback).
     fell_back: Newton did not converge within ``max_iterations`` for some sequences, and
     their answer was recomputed by the sequential loop; ``fallback_sequences`` counts them
-    (batch entries). Damped updates (see :func:`newton`) count as iterations.
+    (batch entries). Damped (Levenberg–Marquardt) updates (see :func:`newton`) count as
+    iterations.
     residuals: the normwise relative residual (see :func:`residual`) of the initial guess and
     after each iteration; ``residual`` is the last one.
     """
@@ -563,11 +564,17 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
     ``iterations`` while some has not. Iteration n makes h_0..h_{n-1} exact, so T iterations
     suffice in exact arithmetic; the sequences that ``max_iterations`` (default T + 2; the
     runtime passes ``iterations``) do not bring within ``tol`` (round-off blown up by a
-    chaotic cell, overflow) get up to ``damped`` damped updates (per sequence, the Newton step
-    is halved until its residual decreases; each try is one evaluation, counted as an
-    iteration; the runtime passes `_defaults.DAMPED_STEPS`) and the ones still unconverged
-    are recomputed by the sequential loop (``info.fell_back``,
-    ``info.fallback_sequences``).
+    chaotic cell, overflow) get up to ``damped`` damped updates (the runtime passes
+    `_defaults.DAMPED_STEPS`) and the ones still unconverged are recomputed by the sequential
+    loop (``info.fell_back``, ``info.fallback_sequences``).
+
+    ``damping="lm"`` (the default; ``"none"`` skips them): the damped updates are
+    Levenberg–Marquardt steps (:func:`lm_solve`) with λ per (sequence, channel) (per sequence
+    when ``dense``), starting at `_defaults.LM_LAMBDA_INIT`; a step is kept when the relative
+    residual of its channel (sequence) decreases, and λ shrinks by `LM_LAMBDA_DOWN`, else it
+    is undone and λ grows by `LM_LAMBDA_UP`. Each trial is one linearisation, counted as an
+    iteration. Independent of the CPU's numba implementation (`_damping`), which takes the
+    same decisions.
 
     Differentiable w.r.t. h0, inputs and params with the exact gradients of the sequential
     recurrence (the backward is :func:`adjoint` at the solved states; no autograd through the
