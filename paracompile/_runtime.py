@@ -298,8 +298,9 @@ class CompiledCell:
         if B == 0 or T == 0:  # nothing to run: no kernels to load
             return ([xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
                     + [_counters(0, 0, (), iterations)])
-        # the CUDA kernels have no damped updates: they fall back directly
-        damped = {"damping": damping} if target == "cpu" else {}
+        # the CUDA kernels have no damped updates: they fall back directly; "" is the CPU
+        # launcher's default
+        damped = {"damping": damping} if target == "cpu" and damping else {}
         states, outputs, stats = self._launcher(target).forward(
             self._module(target, xs[0].dtype), h0s, xs, ps, method=method,
             iterations=iterations, tol=tol, **damped)
@@ -440,11 +441,11 @@ def _ops_for(cell: CompiledCell):
     @torch.library.custom_op(base + "_forward", mutates_args=())
     def forward(h0: list[torch.Tensor], xs: list[torch.Tensor], ps: list[torch.Tensor],
                 method: str, target: str, iterations: int, tol: float,
-                damping: str = "lm") -> list[torch.Tensor]:
+                damping: str = "") -> list[torch.Tensor]:
         return _CELLS[key]._run_forward(h0, xs, ps, method, target, iterations, tol, damping)
 
     @forward.register_fake
-    def _(h0, xs, ps, method, target, iterations, tol, damping="lm"):
+    def _(h0, xs, ps, method, target, iterations, tol, damping=""):
         return ([xs[0].new_empty(xs[0].shape) for _ in range(n_states + len(cell.outputs))]
                 + [torch.empty(2 + _histogram_size(iterations), dtype=torch.int64)])
 
@@ -463,6 +464,9 @@ def _ops_for(cell: CompiledCell):
         h0, xs, ps, _, target = inputs[:5]  # then iterations, tol, damping
         ctx.save_for_backward(*h0, *xs, *ps, *output[:n_states])
         ctx.target = target
+        # torch's dispatcher drops an argument equal to its default before autograd sees
+        # it: damping="" (a direct call without it; apply always passes it) has no grad slot
+        ctx.n_inputs = len(inputs) - (inputs[7] == "")
 
     def grad(ctx, grads):
         saved = list(ctx.saved_tensors)
@@ -474,7 +478,7 @@ def _ops_for(cell: CompiledCell):
         grads = [torch.zeros_like(ss[0]) if g is None else g.contiguous() for g in grads[:-1]]
         out = backward(grads[:n_states], grads[n_states:], h0, xs, ps, ss, ctx.target)
         return (out[:n_states], out[n_states:n_states + n_in], out[n_states + n_in:],
-                None, None, None, None, None)
+                *[None] * (ctx.n_inputs - 3))
 
     torch.library.register_autograd(base + "_forward", grad, setup_context=setup_context)
     _OPS[key] = (forward, backward)
