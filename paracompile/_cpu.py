@@ -22,20 +22,22 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from . import _defaults
+from . import _damping, _defaults
 from ._backend import ForwardStats
 
 
 def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
             ps: Sequence[torch.Tensor], *, method: str = "auto", iterations: int | None = None,
-            tol: float | None = None, chunk: int | None = None,
+            tol: float | None = None, chunk: int | None = None, damping: str = "lm",
             ) -> tuple[list[torch.Tensor], list[torch.Tensor], ForwardStats]:
     """Run the forward recurrence.
 
     h0s: k tensors (B, D); xs: m tensors (B, T, D); ps: the params in declaration order.
     method: "sequential", "newton" or "auto" (see `_defaults.auto_method`); iterations and
     tol: Newton's (defaults `_defaults.default_iterations` and `_defaults.default_tol`);
-    chunk: time steps per Newton task (default `_defaults.CPU_TIME_CHUNK`).
+    chunk: time steps per Newton task (default `_defaults.CPU_TIME_CHUNK`); damping: the
+    updates tried on the sequences Newton has not converged on before they fall back (one of
+    `_defaults.DAMPINGS`, see `_Newton.solve`).
 
     Returns (states: k tensors (B, T, D), outputs: o tensors (B, T, D), stats).
     """
@@ -60,12 +62,13 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
     nd = 1 if dense else -(-D // int(module.CH))
     mask = np.ones(B * nd, np.uint8)
     if method == "newton":
-        run = _Newton(module, h0, x, (*p, *M), s, (B, T, D), tol, chunk)
+        run = _Newton(module, h0, x, (*p, *M), s, (B, T, D), tol, chunk, dense)
         # damped updates only follow plain ones: iterations=0 asks for no Newton update.
         # A diverging iterate holds inf/NaN: it is flagged unconverged and recomputed, so
         # numpy's warnings about it (damped steps, residual ratios) would only be noise.
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            bad = run.solve(iterations, _defaults.DAMPED_STEPS if iterations else 0)  # (B, D)
+            bad = run.solve(iterations, _defaults.DAMPED_STEPS if iterations else 0,
+                            damping)  # (B, D)
         if dense:
             bad = np.repeat(bad.any(axis=1, keepdims=True), D, axis=1)
         if module.OUTPUTS_KERNEL:
@@ -93,9 +96,10 @@ class _Newton:
 
     def __init__(self, module: ModuleType, h0: list[np.ndarray], x: list[np.ndarray],
                  rest: tuple[np.ndarray, ...], s: list[np.ndarray],
-                 shape: tuple[int, int, int], tol: float, chunk: int) -> None:
+                 shape: tuple[int, int, int], tol: float, chunk: int, dense: bool) -> None:
         B, T, D = shape
         self.module, self.shape, self.tol, self.chunk = module, shape, tol, chunk
+        self.dense = dense  # channels coupled: damped updates move whole sequences
         self.rest = rest
         self.h0 = [a.reshape(B, D) for a in h0]
         self.x = [a.reshape(B, T * D) for a in x]
@@ -166,9 +170,10 @@ class _Newton:
         self.iters[self.active] = it
         return ~ok
 
-    def solve(self, iterations: int, damped: int) -> np.ndarray:
-        """Up to `iterations` plain Newton updates, then up to `damped` damped ones for the
-        sequences still unconverged; returns the unconverged (b, d) as a (B, D) bool array."""
+    def solve(self, iterations: int, damped: int, damping: str = "lm") -> np.ndarray:
+        """Up to `iterations` plain Newton updates, then (`damping` "lm") up to `damped`
+        linearisations of Levenberg–Marquardt updates for the channels still unconverged;
+        returns the unconverged (b, d) as a (B, D) bool array."""
         B, _, D = self.shape
         self.module.newton_guess(*[a.reshape(-1) for a in (*self.h0, *self.x)], *self.rest,
                                  *[a.reshape(-1) for a in self.s], B, self.shape[1], D,
@@ -183,41 +188,57 @@ class _Newton:
             rel = self._linearise()
             self.residual = float(rel.max())
             bad = self._record(rel)
-        tries = 0
-        while bad.any() and tries < damped:
-            keep = bad.any(axis=1)
-            self._keep(keep)
-            rel, used = self._damped(rel[keep], damped - tries)
-            tries += used
-            bad = self._record(rel)
+        if damping == "lm":
+            bad = self._levenberg_marquardt(rel, bad, damped)
         self._flush()
         out = np.zeros((B, D), bool)
         out[self.active] = bad
         return out
 
-    def _damped(self, rel: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
-        """One damped update of the active sequences (linearised at the current iterate):
-        the Newton step scaled by alpha = 1, 1/2, 1/4, ... per sequence until the sequence's
-        largest relative residual decreases (or the `budget` of linearisations is spent; the
-        last try is kept). Returns (the new residuals, linearisations used)."""
-        s = self._arrays()[2]
-        old = [a.copy() for a in s]
-        before = rel.max(axis=1)
-        self._step()
-        step = [a - o for a, o in zip(s, old, strict=True)]
-        alpha = np.ones(len(self.active))
+    def _levenberg_marquardt(self, rel: np.ndarray, bad: np.ndarray, budget: int,
+                             ) -> np.ndarray:
+        """Levenberg–Marquardt updates (`_damping.lm_step`) of the unconverged channels (of a
+        per-channel cell; of whole sequences of a dense one, whose channels are coupled),
+        linearised at the current iterate with residuals `rel` and unconverged set `bad`
+        (active b, D), for up to `budget` linearisations. Per (b, d) (per b when dense) a step
+        is accepted when the relative residual decreases, and λ shrinks; otherwise it is
+        undone (states and linearisation) and λ grows. Returns the unconverged set."""
+        m, (_, T, D) = self.module, self.shape
+        entries = np.array(m.META["jac_entries"], np.int64).reshape(-1, 2)
+        lam = np.full((len(self.active), D), _defaults.LM_LAMBDA_INIT)
         used = 0
-        while True:
+        while bad.any() and used < budget:
+            keep = bad.any(axis=1)
+            self._keep(keep)
+            rel, bad, lam = rel[keep], bad[keep], lam[keep]
+            nb = len(self.active)
+            # a dense cell's channels move (and are accepted) together
+            move = np.repeat(bad.any(axis=1, keepdims=True), D, axis=1) if self.dense else bad
+            s = self._arrays()[2]
+            old = [a.copy() for a in (*s, *self.fv, *self.jac)]
+            r = np.stack([a.reshape(-1) - f for a, f in zip(s, self.fv, strict=True)])
+            delta = np.empty_like(r)
+            _damping.lm_step(np.stack(self.jac), entries, r, lam.reshape(-1),
+                             move.reshape(-1), delta, T, D)
+            for a, dl in zip(s, delta, strict=True):
+                a += dl.reshape(nb, T * D)
             new = self._linearise()
             used += 1
             self.done += 1
-            worse = ~(new.max(axis=1) < before)
-            if not worse.any() or used == budget:
-                self.residual = float(new.max())
-                return new, used
-            alpha[worse] /= 2
-            for a, o, d in zip(s, old, step, strict=True):
-                a[:] = o + alpha[:, None].astype(a.dtype) * d
+            if self.dense:
+                better = np.repeat((new.max(axis=1) < rel.max(axis=1))[:, None], D, axis=1)
+            else:
+                better = new < rel
+            reject = move & ~better
+            for a, o in zip((*s, *self.fv, *self.jac), old, strict=True):
+                a3, o3 = a.reshape(nb, T, D), o.reshape(nb, T, D)
+                a3[...] = np.where(reject[:, None, :], o3, a3)
+            rel = np.where(reject, rel, new)
+            lam = np.where(reject, lam * _defaults.LM_LAMBDA_UP,
+                           np.where(move, lam / _defaults.LM_LAMBDA_DOWN, lam))
+            self.residual = float(rel.max())
+            bad = self._record(rel)
+        return bad
 
 
 def _relative(resid: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -23,9 +23,26 @@ a few more); see the measurements in docs/numerics.md."""
 
 DAMPED_STEPS = 8
 """On the CPU and in the torch reference: linearisations spent on damped Newton updates
-(the step halved per sequence until its residual decreases) for the sequences still
-unconverged after the plain iterations, before the sequential fallback. The CUDA kernel
-falls back directly."""
+(Levenberg–Marquardt, `damping="lm"`: see docs/numerics.md) for the (sequence, channel)
+pairs still unconverged after the plain iterations, before the sequential fallback; each
+counts as an iteration. The CUDA kernel falls back directly."""
+
+DAMPINGS = ("lm", "none")
+"""The values of `cell.apply(damping=...)`: the damped updates of the sequences still
+unconverged after the plain Newton iterations (see `DAMPED_STEPS`)."""
+
+LM_LAMBDA_INIT = 1e-6
+"""λ of the first Levenberg–Marquardt step (damping="lm"), per (sequence, channel). LᵀL >= I
+in the directions Newton handles well, so a small λ keeps those components of the Newton
+step and only damps the ones along L's tiny singular values, where Newton's step blows up
+(products of Jacobians > 1). Measured: 1e-12..1e-6 rescue the same sequences; 0.1 and 1
+(heavily damped steps) rescue far fewer, fewer than the step-halving they replace."""
+
+LM_LAMBDA_DOWN = 3.0
+"""λ is divided by this after an accepted step (the linear model was good: trust it more)."""
+
+LM_LAMBDA_UP = 10.0
+"""λ is multiplied by this after a rejected step (a shorter, more gradient-like step)."""
 
 TOL_FACTOR = 16.0
 """Newton's default relative residual tolerance, in machine epsilons of the dtype."""

@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._defaults import default_iterations, default_tol
+from ._defaults import (
+    DAMPINGS,
+    LM_LAMBDA_DOWN,
+    LM_LAMBDA_INIT,
+    LM_LAMBDA_UP,
+    default_iterations,
+    default_tol,
+)
 
 __all__ = [
     "Step",
@@ -50,6 +57,7 @@ __all__ = [
     "residual",
     "jacobians",
     "affine_scan",
+    "lm_solve",
 ]
 
 Tensors = tuple[Tensor, ...]
@@ -175,6 +183,15 @@ def _seq_rel(H: Sequence[Tensor], F: Sequence[Tensor]) -> Tensor:
     return ratio.reshape(ratio.shape[0], -1).amax(dim=1)
 
 
+def _channel_rel(H: Sequence[Tensor], F: Sequence[Tensor]) -> Tensor:
+    """`_seq_rel` per (sequence, channel): the largest over states, (B, D); NaN stays NaN."""
+    h = torch.stack(tuple(H))  # (k, B, T, D)
+    r = (h - torch.stack(tuple(F))).abs().amax(dim=2)
+    info = torch.finfo(h.dtype)
+    scale = h.abs().amax(dim=2).nan_to_num(nan=info.max).clamp(scale_floor(h.dtype), info.max)
+    return (r / scale).amax(dim=0)
+
+
 def _max_rel(H: Sequence[Tensor], F: Sequence[Tensor]) -> float:
     """The largest `_seq_rel` (0 when there is no sequence); NaN if any is NaN."""
     ratio = _seq_rel(H, F)
@@ -208,6 +225,38 @@ def affine_scan(A: Tensor, b: Tensor, *, reverse: bool = False) -> Tensor:
             A = torch.cat([A[:, :off], A_cur @ A_prev], dim=1)
         off *= 2
     return b
+
+
+def lm_solve(J: Tensor, r: Tensor, lam: Tensor) -> Tensor:
+    """The Levenberg–Marquardt step: with (L δ)_t = δ_t - J_t δ_{t-1} (δ_{-1} = 0), the
+    minimiser of ||L δ + r||² + λ ||δ||², i.e. the solution of the block tridiagonal SPD
+    system (LᵀL + λI) δ = -Lᵀ r, by block Gaussian elimination forward in time and back
+    substitution (a loop over T of batched n×n solves; ``torch.linalg.solve``).
+
+    J: (B, T, *batch, n, n); r: (B, T, *batch, n); lam: (B, *batch). Returns δ, shaped like r.
+    """
+    T, n = r.shape[1], r.shape[-1]
+    eye = torch.eye(n, dtype=r.dtype, device=r.device)
+    diag = (1 + lam)[..., None, None] * eye  # (1 + λ) I
+    gains: list[Tensor] = []  # C_t = S_t^{-1} (-J_{t+1}ᵀ)
+    ys: list[Tensor] = []  # y_t = S_t^{-1} (g_t + J_t y_{t-1})
+    for t in range(T):
+        S, g = diag, -r[:, t]
+        if t + 1 < T:
+            Jn = J[:, t + 1]
+            S = S + Jn.mT @ Jn
+            g = g + (Jn.mT @ r[:, t + 1].unsqueeze(-1)).squeeze(-1)
+        if t > 0:  # S_t = D_t - (-J_t) C_{t-1}
+            S = S + J[:, t] @ gains[-1]
+            g = g + (J[:, t] @ ys[-1].unsqueeze(-1)).squeeze(-1)
+        rhs = g.unsqueeze(-1) if t + 1 == T else torch.cat([-Jn.mT, g.unsqueeze(-1)], dim=-1)
+        X = torch.linalg.solve(S, rhs)
+        ys.append(X[..., -1])
+        gains.append(X[..., :-1])
+    delta = [ys[-1]]
+    for t in range(T - 2, -1, -1):
+        delta.append(ys[t] - (gains[t] @ delta[-1].unsqueeze(-1)).squeeze(-1))
+    return torch.stack(delta[::-1], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +378,8 @@ class NewtonInfo:
     converged: the final residual is within ``tol`` (always true after a fallback).
     fell_back: Newton did not converge within ``max_iterations`` for some sequences, and
     their answer was recomputed by the sequential loop; ``fallback_sequences`` counts them
-    (batch entries). Damped updates (see :func:`newton`) count as iterations.
+    (batch entries). Damped (Levenberg–Marquardt) updates (see :func:`newton`) count as
+    iterations.
     residuals: the normwise relative residual (see :func:`residual`) of the initial guess and
     after each iteration; ``residual`` is the last one.
     """
@@ -362,7 +412,7 @@ class NewtonInfo:
 
 def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, dense: bool,
                   iterations: int, tol: float, max_iterations: int, damped: int,
-                  info: NewtonInfo) -> tuple[Tensors, Tensors]:
+                  damping: str, info: NewtonInfo) -> tuple[Tensors, Tensors]:
     """The Newton forward (no autograd): returns (states, outputs), fills ``info``."""
     B, T, D = inputs[0].shape
     k = len(h0)
@@ -408,22 +458,36 @@ def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, den
         info.residuals.append(_max_rel(H, F))
         bad = record(n)
     used = 0
-    while bool(bad.any()) and used < damped:  # damped updates: halve the step until r drops
-        base, before, delta = H, ratio.nan_to_num(nan=math.inf), newton_step()
-        alpha = bad.double()
-        while True:
-            H = moved(base, delta, alpha)
-            prev = _previous(h0, H)
-            F, Y = evaluate(prev)
-            ratio = _seq_rel(H, F)
-            info.residuals.append(_max_rel(H, F))
+    if damping == "lm" and damped:
+        # λ per (sequence, channel) of a per-channel cell, per sequence of a dense one
+        rel = (ratio if dense else _channel_rel(H, F)).nan_to_num(nan=math.inf)
+        lam = torch.full(rel.shape, LM_LAMBDA_INIT, dtype=H[0].dtype, device=H[0].device)
+
+        def where(mask: Tensor, a: Tensors, b: Tensors) -> Tensors:  # mask (B,) or (B, D)
+            m = mask.view(B, 1, 1) if dense else mask.view(B, 1, D)
+            return tuple(torch.where(m, x, y) for x, y in zip(a, b, strict=True))
+
+        while bool(bad.any()) and used < damped:
+            move = ~(rel <= tol)  # the unconverged channels (sequences when dense)
+            J = _jac_flat(step, _flat(prev), xs, params, dense)
+            J = J.reshape(B, T, *J.shape[1:])
+            r = _to_vec([h - f for h, f in zip(H, F, strict=True)], dense)
+            delta = _from_vec(lm_solve(J, r, lam), k, dense)
+            trial = where(move, tuple(h + d for h, d in zip(H, delta, strict=True)), H)
+            F_new, Y_new = evaluate(_previous(h0, trial))
+            new = _seq_rel(trial, F_new) if dense else _channel_rel(trial, F_new)
+            new = new.nan_to_num(nan=math.inf)
             used += 1
             n += 1
-            worse = (~(ratio < before)).cpu() & bad
-            if not bool(worse.any()) or used == damped:
-                break
-            alpha[worse] /= 2
-        bad = record(n)
+            accept = move & (new < rel)  # else the step is undone and λ grows
+            H, F, Y = where(accept, trial, H), where(accept, F_new, F), where(accept, Y_new, Y)
+            rel = torch.where(accept, new, rel)
+            lam = torch.where(accept, lam / LM_LAMBDA_DOWN,
+                              torch.where(move, lam * LM_LAMBDA_UP, lam))
+            prev = _previous(h0, H)
+            ratio = _seq_rel(H, F)
+            info.residuals.append(_max_rel(H, F))
+            bad = record(n)
     info.iterations = n
     info.histogram = torch.bincount(first[first >= 0], minlength=1).tolist()
     bad = bad.nonzero().flatten().to(H[0].device)
@@ -446,11 +510,11 @@ class _NewtonFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, step, k, m, dense, iterations, tol, max_iterations, damped, info,
-                *tensors):
+    def forward(ctx, step, k, m, dense, iterations, tol, max_iterations, damped, damping,
+                info, *tensors):
         h0, inputs, params = tensors[:k], tensors[k:k + m], tensors[k + m:]
         H, Y = _newton_solve(step, h0, inputs, params, dense, iterations, tol,
-                             max_iterations, damped, info)
+                             max_iterations, damped, damping, info)
         ctx.step, ctx.k, ctx.m, ctx.dense = step, k, m, dense
         H = tuple(h.clone() for h in H)  # fresh tensors: never views of inputs or of each other
         Y = tuple(y.clone() for y in Y)
@@ -467,16 +531,16 @@ class _NewtonFunction(torch.autograd.Function):
         g_h0, g_x, g_p = adjoint(ctx.step, h0, inputs, params, H, grads[:k], grads[k:],
                                  dense=ctx.dense)
         g = (*g_h0, *g_x, *g_p)
-        needs = ctx.needs_input_grad[9:]
+        needs = ctx.needs_input_grad[10:]
         g = tuple(gi if need else None for gi, need in zip(g, needs, strict=True))
-        return (None,) * 9 + g
+        return (None,) * 10 + g
 
 
 def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
            params: Sequence[Tensor], *, dense: bool, iterations: int | None = None,
            tol: float | None = None,
            max_iterations: int | None = None,
-           damped: int = 0) -> tuple[Tensors, Tensors, NewtonInfo]:
+           damped: int = 0, damping: str = "lm") -> tuple[Tensors, Tensors, NewtonInfo]:
     """The ParaRNN parallel-in-time solve of the recurrence of :func:`sequential`.
 
     Unknowns H = (h_0..h_{T-1}); residual r_t = h_t - f(h_{t-1}, x_t). Initial guess
@@ -500,11 +564,17 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
     ``iterations`` while some has not. Iteration n makes h_0..h_{n-1} exact, so T iterations
     suffice in exact arithmetic; the sequences that ``max_iterations`` (default T + 2; the
     runtime passes ``iterations``) do not bring within ``tol`` (round-off blown up by a
-    chaotic cell, overflow) get up to ``damped`` damped updates (per sequence, the Newton step
-    is halved until its residual decreases; each try is one evaluation, counted as an
-    iteration; the runtime passes `_defaults.DAMPED_STEPS`) and the ones still unconverged
-    are recomputed by the sequential loop (``info.fell_back``,
-    ``info.fallback_sequences``).
+    chaotic cell, overflow) get up to ``damped`` damped updates (the runtime passes
+    `_defaults.DAMPED_STEPS`) and the ones still unconverged are recomputed by the sequential
+    loop (``info.fell_back``, ``info.fallback_sequences``).
+
+    ``damping="lm"`` (the default; ``"none"`` skips them): the damped updates are
+    Levenberg–Marquardt steps (:func:`lm_solve`) with λ per (sequence, channel) (per sequence
+    when ``dense``), starting at `_defaults.LM_LAMBDA_INIT`; a step is kept when the relative
+    residual of its channel (sequence) decreases, and λ shrinks by `LM_LAMBDA_DOWN`, else it
+    is undone and λ grows by `LM_LAMBDA_UP`. Each trial is one linearisation, counted as an
+    iteration. Independent of the CPU's numba implementation (`_damping`), which takes the
+    same decisions.
 
     Differentiable w.r.t. h0, inputs and params with the exact gradients of the sequential
     recurrence (the backward is :func:`adjoint` at the solved states; no autograd through the
@@ -518,6 +588,8 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
         iterations = default_iterations(inputs[0].dtype)
     if iterations < 0:
         raise ValueError(f"iterations: expected >= 0, got {iterations}")
+    if damping not in DAMPINGS:
+        raise ValueError(f"damping: expected one of {DAMPINGS}, got {damping!r}")
     if tol is None:
         tol = default_tol(inputs[0].dtype)
     if max_iterations is None:
@@ -529,7 +601,7 @@ def newton(step: Step, h0: Sequence[Tensor], inputs: Sequence[Tensor],
         info.converged = True
         return states, outputs, info
     out = _NewtonFunction.apply(step, len(h0), len(inputs), dense, iterations, tol,
-                                max_iterations, damped, info, *h0, *inputs, *params)
+                                max_iterations, damped, damping, info, *h0, *inputs, *params)
     return tuple(out[:len(h0)]), tuple(out[len(h0):]), info
 
 

@@ -32,6 +32,7 @@ from ._checks import (
 from ._defaults import (
     BACKENDS,
     DAMPED_STEPS,
+    DAMPINGS,
     METHODS,
     auto_backend,
     default_iterations,
@@ -174,6 +175,7 @@ class CompiledCell:
         *,
         iterations: int | None = None,
         tol: float | None = None,
+        damping: str = "lm",
     ) -> dict[str, torch.Tensor]:
         """Run the recurrence over whole sequences.
 
@@ -185,15 +187,20 @@ class CompiledCell:
                 (sequential on the CPU, Newton on CUDA).
             backend: "cpu", "cuda" (CUDA tensors, or numba's simulator on CPU tensors when
                 NUMBA_ENABLE_CUDASIM=1), "torch" (the pure-torch reference), or "auto".
-            iterations: Newton iterations before unconverged sequences fall back to the
-                sequential kernel (default 3 in float32, 5 in float64).
+            iterations: plain Newton iterations (default 8 in float32, 10 in float64: see
+                `_defaults.DEFAULT_ITERATIONS`); the sequences still unconverged get the damped
+                updates, then fall back to the sequential kernel.
             tol: Newton's relative residual tolerance (default 16 machine epsilons).
+            damping: the damped updates tried before the fallback (CPU and torch backends;
+                the CUDA kernel falls back directly): "lm" (Levenberg–Marquardt, the default)
+                or "none" (no damped updates).
 
         Returns:
             state name -> (B, T, D) state after each step, and output name -> (B, T, D).
         """
         xs, ps, h0s, B, T, D = self._check(inputs, params, h0)
         method, backend = self._choose(method, backend, xs[0])
+        check_choice("damping", damping, DAMPINGS)
         in_dtype = xs[0].dtype
         dtype = in_dtype if in_dtype in COMPUTE_DTYPES else torch.float32
         xs = [x.to(dtype) for x in xs]
@@ -209,7 +216,7 @@ class CompiledCell:
         if backend == "torch":
             if method == "newton":
                 states, outs, counts = _reference_newton(self._torch_step, h0s, xs, ps,
-                                                         self.dense, iterations, tol)
+                                                         self.dense, iterations, tol, damping)
                 self._count(*counts[:2], list(counts[2]))
             else:
                 states, outs = _reference.sequential(
@@ -217,7 +224,8 @@ class CompiledCell:
             results = [*states, *outs]
         else:
             target = "cudasim" if backend == "cuda" and not xs[0].is_cuda else backend
-            *results, counts = self._forward_op(h0s, xs, ps, method, target, iterations, tol)
+            *results, counts = self._forward_op(h0s, xs, ps, method, target, iterations, tol,
+                                                damping)
             # the counters come back through the op (no side channel: apply may run in several
             # threads); under torch.compile reading them would break the graph, so they are not
             if method == "newton" and not torch.compiler.is_compiling():
@@ -284,16 +292,20 @@ class CompiledCell:
         with _MODULE_LOCK:
             return self._modules(target, COMPUTE_DTYPES[dtype])
 
-    def _run_forward(self, h0s, xs, ps, method, target, iterations, tol) -> list[torch.Tensor]:
+    def _run_forward(self, h0s, xs, ps, method, target, iterations, tol,
+                     damping) -> list[torch.Tensor]:
         """The results, then an int64 tensor (Newton iterations, sequences that fell back, the
         iteration histogram padded to `_histogram_size(iterations)`)."""
         B, T, D = xs[0].shape
         if B == 0 or T == 0:  # nothing to run: no kernels to load
             return ([xs[0].new_empty(B, T, D) for _ in self.states + self.outputs]
                     + [_counters(0, 0, (), iterations)])
+        # the CUDA kernels have no damped updates: they fall back directly; "" is the CPU
+        # launcher's default
+        damped = {"damping": damping} if target == "cpu" and damping else {}
         states, outputs, stats = self._launcher(target).forward(
             self._module(target, xs[0].dtype), h0s, xs, ps, method=method,
-            iterations=iterations, tol=tol)
+            iterations=iterations, tol=tol, **damped)
         return [*states, *outputs,
                 _counters(stats.iterations, stats.fallback, stats.histogram, iterations)]
 
@@ -361,14 +373,15 @@ def cell_from_sources(meta: Mapping[str, Any], sources: Mapping[str, str],
 
 
 @torch.compiler.disable
-def _reference_newton(step, h0s, xs, ps, dense, iterations, tol):
+def _reference_newton(step, h0s, xs, ps, dense, iterations, tol, damping):
     """The torch reference Newton (data-dependent iteration count): run eagerly under
     torch.compile. Capped at `iterations`, like the compiled backends: unconverged sequences
     are recomputed by the loop. Returns (states, outputs, (iterations, fallback sequences))."""
     states, outs, info = _reference.newton(step, tuple(h0s), tuple(xs), tuple(ps), dense=dense,
                                            iterations=iterations, tol=tol,
                                            max_iterations=iterations,
-                                           damped=DAMPED_STEPS if iterations else 0)
+                                           damped=DAMPED_STEPS if iterations else 0,
+                                           damping=damping)
     return states, outs, (info.iterations, info.fallback_sequences, info.histogram)
 
 
@@ -439,11 +452,12 @@ def _ops_for(cell: CompiledCell):
 
     @torch.library.custom_op(base + "_forward", mutates_args=())
     def forward(h0: list[torch.Tensor], xs: list[torch.Tensor], ps: list[torch.Tensor],
-                method: str, target: str, iterations: int, tol: float) -> list[torch.Tensor]:
-        return _CELLS[key]._run_forward(h0, xs, ps, method, target, iterations, tol)
+                method: str, target: str, iterations: int, tol: float,
+                damping: str = "") -> list[torch.Tensor]:
+        return _CELLS[key]._run_forward(h0, xs, ps, method, target, iterations, tol, damping)
 
     @forward.register_fake
-    def _(h0, xs, ps, method, target, iterations, tol):
+    def _(h0, xs, ps, method, target, iterations, tol, damping=""):
         return ([xs[0].new_empty(xs[0].shape) for _ in range(n_states + len(cell.outputs))]
                 + [torch.empty(2 + _histogram_size(iterations), dtype=torch.int64)])
 
@@ -459,9 +473,12 @@ def _ops_for(cell: CompiledCell):
                 + [p.new_empty(p.shape) for p in ps])
 
     def setup_context(ctx, inputs, output):
-        h0, xs, ps, method, target, iterations, tol = inputs
+        h0, xs, ps, _, target = inputs[:5]  # then iterations, tol, damping
         ctx.save_for_backward(*h0, *xs, *ps, *output[:n_states])
         ctx.target = target
+        # torch's dispatcher drops an argument equal to its default before autograd sees
+        # it: damping="" (a direct call without it; apply always passes it) has no grad slot
+        ctx.n_inputs = len(inputs) - (inputs[7] == "")
 
     def grad(ctx, grads):
         saved = list(ctx.saved_tensors)
@@ -473,7 +490,7 @@ def _ops_for(cell: CompiledCell):
         grads = [torch.zeros_like(ss[0]) if g is None else g.contiguous() for g in grads[:-1]]
         out = backward(grads[:n_states], grads[n_states:], h0, xs, ps, ss, ctx.target)
         return (out[:n_states], out[n_states:n_states + n_in], out[n_states + n_in:],
-                None, None, None, None)
+                *[None] * (ctx.n_inputs - 3))
 
     torch.library.register_autograd(base + "_forward", grad, setup_context=setup_context)
     _OPS[key] = (forward, backward)
