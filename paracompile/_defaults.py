@@ -51,9 +51,9 @@ def cpu_channel_block(B: int, D: int, threads: int) -> int:
     `CPU_TASKS_PER_THREAD` * threads tasks (one task for one thread), the shortest (64)
     when none does; then the shortest block with as many blocks per row (D = 70 takes 128,
     not 512: the same single block). Longer blocks amortise the per-(task, time step)
-    overhead and give the core more independent channels per step (ParaGRU's one-thread
-    forward at B=4, D=256 is about 2x faster with 256 than with 64; see docs/benchmarks.md);
-    shorter ones give more tasks to spread over threads."""
+    overhead and give the core more independent channels per step (one thread, B=4, D=256:
+    the forward is 1.4-1.7x faster with 256 than with 64, the backward 5-15%; see
+    docs/benchmarks.md); shorter ones give more tasks to spread over threads."""
     want = CPU_TASKS_PER_THREAD * threads if threads > 1 else 1  # one thread: nothing to balance
     ch = next((c for c in CPU_CHANNEL_BLOCKS if B * -(-D // c) >= want),
               CPU_CHANNEL_BLOCKS[-1])
