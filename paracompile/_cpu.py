@@ -49,12 +49,13 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
     iterations = _defaults.default_iterations(dtype) if iterations is None else iterations
     tol = _defaults.default_tol(dtype) if tol is None else tol
     chunk = _defaults.CPU_TIME_CHUNK if chunk is None else chunk
-    ch = _defaults.cpu_channel_block(B, D, numba.get_num_threads())
     states = [xs[0].new_empty(B, T, D) for _ in h0s]
     outputs = [xs[0].new_empty(B, T, D) for _ in range(module.N_OUTPUTS)]
     stats = ForwardStats(method)
     if B * D == 0 or T == 0:
         return states, outputs, stats
+    # asking numba for its threads starts its threading layer, as the first kernel would
+    ch = _defaults.cpu_channel_block(B, D, numba.get_num_threads())
     h0, x = [_flat(h) for h in h0s], [_flat(x) for x in xs]
     args = (*h0, *x, *p, *M)
     s, y = [_out(t) for t in states], [_out(t) for t in outputs]
