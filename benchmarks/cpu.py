@@ -16,6 +16,12 @@ negligible). Minimum, not median, because the machine may be shared: the minimum
 least disturbed run.
 
     python benchmarks/cpu.py [--threads 1] [--T 256 1024 4096] [--repeats 7] [--out DIR]
+
+With ``--channel-blocks 64 auto`` it only compares channel blocks (channels per task of the
+CPU kernels; "auto" is `_defaults.cpu_channel_block`'s choice): the compiled sequential
+forward and the backward alone for each block, the blocks taking turns within each repeat
+so that load on a shared machine hits them alike; prints the best milliseconds and the
+ratios to the memory floors.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numba
 import torch
 
 import paracompile
+from paracompile import _defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +109,59 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     return row
 
 
+def compare_channel_blocks(cell, B: int, T: int, D: int, blocks: list[str], repeats: int
+                           ) -> dict[str, dict[str, float]]:
+    """Best ms of the compiled sequential forward and of the backward alone per channel
+    block, the blocks alternating within each repeat. The launcher's choice is replaced for
+    the duration (an explicit block for every call), then restored."""
+    choose = _defaults.cpu_channel_block
+    chosen = {b: choose(B, D, numba.get_num_threads()) if b == "auto" else int(b)
+              for b in blocks}
+    inputs, params = make_args(cell, B, T, D, grad=True)
+    leaves = [*inputs.values(), *params.values()]
+    k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
+    floors = {"fwd": floor_ms(m + k + o, B * T * D, repeats),
+              "bwd": floor_ms(k + o + 2 * m + k, B * T * D, repeats)}
+    best = {b: {"fwd": float("inf"), "bwd": float("inf")} for b in blocks}
+    try:
+        for rep in range(repeats + 1):  # the first round compiles and warms up
+            for b in blocks:
+                _defaults.cpu_channel_block = lambda B, D, threads, ch=chosen[b]: ch
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    cell.apply(inputs, params, method="sequential", backend="cpu")
+                    fwd = (time.perf_counter() - start) * 1e3
+                out = cell.apply(inputs, params, method="sequential", backend="cpu")
+                cot = [torch.ones_like(v) for v in out.values()]
+                start = time.perf_counter()
+                torch.autograd.grad(list(out.values()), leaves, cot)
+                bwd = (time.perf_counter() - start) * 1e3
+                if rep:
+                    best[b]["fwd"] = min(best[b]["fwd"], fwd)
+                    best[b]["bwd"] = min(best[b]["bwd"], bwd)
+    finally:
+        _defaults.cpu_channel_block = choose
+    return {f"{b} ({chosen[b]})": {**r, "fwd floor": floors["fwd"], "bwd floor": floors["bwd"]}
+            for b, r in best.items()}
+
+
+def main_channel_blocks(args: argparse.Namespace, machine: str) -> None:
+    print(f"# CPU channel blocks: B={args.B}, D={args.D}, float32; {machine}\n")
+    print("| cell | T | channel block | fwd | bwd | fwd floor | bwd floor | fwd vs floor | "
+          "bwd vs floor |")
+    print("|---" * 9 + "|")
+    for name in args.cells:
+        cell = paracompile.load(ROOT / "cells" / f"{name}.cell")
+        for T in args.T:
+            rows = compare_channel_blocks(cell, args.B, T, args.D, args.channel_blocks,
+                                          args.repeats)
+            for block, r in rows.items():
+                print(f"| {cell.name} | {T} | {block} | {r['fwd']:.2f} | {r['bwd']:.2f} | "
+                      f"{r['fwd floor']:.2f} | {r['bwd floor']:.2f} | "
+                      f"{r['fwd'] / r['fwd floor']:.1f}x | {r['bwd'] / r['bwd floor']:.1f}x |",
+                      flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["paragru", "paralstm"])
@@ -113,11 +173,16 @@ def main() -> None:
     parser.add_argument("--slow-limit", type=int, default=1024,
                         help="skip the (slow) torch reference Newton above this T")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--channel-blocks", nargs="+", metavar="CH",
+                        help='only compare these channel blocks (numbers or "auto")')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
                f"thread(s), torch {torch.__version__}, numba {numba.__version__}")
+    if args.channel_blocks:
+        main_channel_blocks(args, machine)
+        return
     print(f"# CPU benchmark: B={args.B}, D={args.D}, float32; {machine}\n")
     results: dict[tuple[str, int], dict[str, float]] = {}
     for name in args.cells:

@@ -20,8 +20,6 @@ from ._meta import CellMeta
 from ._printers import KernelPrinter, fast_imports, known_functions, libm_helpers
 from .functions import where
 
-CHANNEL_BLOCK = 64  # channels per CPU task: long enough to vectorise, short enough to balance
-
 Target = Literal["cpu", "cuda", "cudasim"]
 DType = Literal["float32", "float64"]
 
@@ -269,8 +267,6 @@ class RenderContext:
     """Number of matrix params."""
     matvec_matrix: tuple[int, ...]
     """For each matrix product, the index of its matrix among the matrix params."""
-    channel_block: int
-    """Channels per CPU task: long enough to vectorise, short enough to balance."""
     simulator: bool
     """CUDA only: warp shuffles emulated through shared memory (the simulator has none)."""
     device_decorator: str
@@ -322,7 +318,9 @@ def _kernel_args(k: int, m: int, q: int, o: int, entries: tuple[tuple[int, int],
     state, input, ...: h0_ initial states, x inputs, p params, M matrices, s states, y
     outputs, g<group> their gradients; Newton's work arrays: fval f(h_{t-1}) at each step, jac
     the Jacobian entries, chunk_A / chunk_v each time chunk's affine map, carry each chunk's
-    incoming Newton delta."""
+    incoming Newton delta. The CPU kernels then take the sizes B, T, D (newton_carry: the time
+    chunks nt for T), CH the channels per task (`_defaults.cpu_channel_block`) and LT the time
+    steps per Newton task."""
     h0, x, p, s, y = (_vector("h0_", k), _vector("x", m), _vector("p", q), _vector("s", k),
                       _vector("y", o))
     gs, gy, gh0, gx, gp = (_vector("gs", k), _vector("gy", o), _vector("gh0_", k),
@@ -346,14 +344,15 @@ def _kernel_args(k: int, m: int, q: int, o: int, entries: tuple[tuple[int, int],
     chunk = [*_matrix("chunk_A", entries).values(), *_vector("chunk_v", k)]
     inputs = (*h0, *x, *p, *mats)
     return {
-        "forward_sequential": (*inputs, *s, *y, "mask", "B", "T", "D"),
-        "newton_guess": (*inputs, *s, "B", "T", "D", "LT"),
+        "forward_sequential": (*inputs, *s, *y, "mask", "B", "T", "D", "CH"),
+        "newton_guess": (*inputs, *s, "B", "T", "D", "CH", "LT"),
         "newton_linearise": (*inputs, *s, *fval, *jac, *chunk, "resid", "scale", "B", "T", "D",
-                             "LT"),
-        "newton_carry": (*chunk, *carry, "B", "nt", "D"),
-        "newton_fixup": (*fval, *jac, *carry, *s, "B", "T", "D", "LT"),
-        "forward_outputs": (*inputs, *s, *y, "B", "T", "D", "LT"),
-        "backward_adjoint": (*gs, *gy, *inputs, *s, *gh0, *gx, *gp, *gmats, "B", "T", "D"),
+                             "CH", "LT"),
+        "newton_carry": (*chunk, *carry, "B", "nt", "D", "CH"),
+        "newton_fixup": (*fval, *jac, *carry, *s, "B", "T", "D", "CH", "LT"),
+        "forward_outputs": (*inputs, *s, *y, "B", "T", "D", "CH", "LT"),
+        "backward_adjoint": (*gs, *gy, *inputs, *s, *gh0, *gx, *gp, *gmats, "B", "T", "D",
+                             "CH"),
     }
 
 
@@ -419,7 +418,6 @@ def kernel_context(
         n_matvecs=len(matvec_matrix),
         n_matrices=n_matrices,
         matvec_matrix=tuple(matvec_matrix),
-        channel_block=CHANNEL_BLOCK,
         simulator=target == "cudasim",
         device_decorator=_DEVICE_DECORATORS[target],
         fast_imports=tuple(fast_imports(target, dtype)),

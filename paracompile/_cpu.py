@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import ModuleType
 
+import numba
 import numpy as np
 import torch
 
@@ -35,9 +36,10 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
     h0s: k tensors (B, D); xs: m tensors (B, T, D); ps: the params in declaration order.
     method: "sequential", "newton" or "auto" (see `_defaults.auto_method`); iterations and
     tol: Newton's (defaults `_defaults.default_iterations` and `_defaults.default_tol`);
-    chunk: time steps per Newton task (default `_defaults.CPU_TIME_CHUNK`); damping: the
-    updates tried on the sequences Newton has not converged on before they fall back (one of
-    `_defaults.DAMPINGS`, see `_Newton.solve`).
+    chunk: time steps per Newton task (default `_defaults.CPU_TIME_CHUNK`). The channels per
+    task are `_defaults.cpu_channel_block`'s choice, the same for every kernel of the call.
+    damping: the updates tried on the sequences Newton has not converged on before they fall
+    back (one of `_defaults.DAMPINGS`, see `_Newton.solve`).
 
     Returns (states: k tensors (B, T, D), outputs: o tensors (B, T, D), stats).
     """
@@ -54,15 +56,17 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
     stats = ForwardStats(method)
     if B * D == 0 or T == 0:
         return states, outputs, stats
+    # asking numba for its threads starts its threading layer, as the first kernel would
+    ch = _defaults.cpu_channel_block(B, D, numba.get_num_threads())
     h0, x = [_flat(h) for h in h0s], [_flat(x) for x in xs]
     args = (*h0, *x, *p, *M)
     s, y = [_out(t) for t in states], [_out(t) for t in outputs]
     # the sequential kernel's mask: per (sequence, channel block) of a per-channel module, per
     # sequence of a dense one (its channels are coupled)
-    nd = 1 if dense else -(-D // int(module.CH))
+    nd = 1 if dense else -(-D // ch)
     mask = np.ones(B * nd, np.uint8)
     if method == "newton":
-        run = _Newton(module, h0, x, (*p, *M), s, (B, T, D), tol, chunk, dense)
+        run = _Newton(module, h0, x, (*p, *M), s, (B, T, D), tol, chunk, ch, dense)
         # damped updates only follow plain ones: iterations=0 asks for no Newton update.
         # A diverging iterate holds inf/NaN: it is flagged unconverged and recomputed, so
         # numpy's warnings about it (damped steps, residual ratios) would only be noise.
@@ -72,9 +76,9 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
         if dense:
             bad = np.repeat(bad.any(axis=1, keepdims=True), D, axis=1)
         if module.OUTPUTS_KERNEL:
-            module.forward_outputs(*args, *s, *y, B, T, D, chunk)
+            module.forward_outputs(*args, *s, *y, B, T, D, ch, chunk)
         if module.OUTPUTS_KERNEL or not module.N_OUTPUTS:
-            blocks = np.zeros((B, nd * (D if dense else int(module.CH))), bool)
+            blocks = np.zeros((B, nd * (D if dense else ch)), bool)
             blocks[:, :D] = bad
             mask[:] = blocks.reshape(B, nd, -1).any(axis=2).reshape(-1)
         # else every sequence reruns: the outputs come from the sequential kernel
@@ -85,7 +89,7 @@ def forward(module: ModuleType, h0s: Sequence[torch.Tensor], xs: Sequence[torch.
         stats = ForwardStats(method, run.done, fallback, run.residual, chunk,
                              histogram=tuple(np.bincount(hist, minlength=1).tolist()))
     if mask.any():
-        module.forward_sequential(*args, *s, *y, mask, B, T, D)
+        module.forward_sequential(*args, *s, *y, mask, B, T, D, ch)
     return states, outputs, stats
 
 
@@ -96,9 +100,10 @@ class _Newton:
 
     def __init__(self, module: ModuleType, h0: list[np.ndarray], x: list[np.ndarray],
                  rest: tuple[np.ndarray, ...], s: list[np.ndarray],
-                 shape: tuple[int, int, int], tol: float, chunk: int, dense: bool) -> None:
+                 shape: tuple[int, int, int], tol: float, chunk: int, ch: int,
+                 dense: bool) -> None:
         B, T, D = shape
-        self.module, self.shape, self.tol, self.chunk = module, shape, tol, chunk
+        self.module, self.shape, self.tol, self.chunk, self.ch = module, shape, tol, chunk, ch
         self.dense = dense  # channels coupled: damped updates move whole sequences
         self.rest = rest
         self.h0 = [a.reshape(B, D) for a in h0]
@@ -131,7 +136,7 @@ class _Newton:
         scale = np.empty_like(resid)
         m.newton_linearise(*[a.reshape(-1) for a in (*h0, *x)], *self.rest,
                            *[a.reshape(-1) for a in s], *self.fv, *self.jac, *self.sa,
-                           *self.sb, resid, scale, nb, T, D, self.chunk)
+                           *self.sb, resid, scale, nb, T, D, self.ch, self.chunk)
         rel = _relative(resid.reshape(k, nb, nt, D), scale.reshape(k, nb, nt, D))
         return np.nan_to_num(rel, nan=np.inf)
 
@@ -140,9 +145,9 @@ class _Newton:
         m, (_, T, D) = self.module, self.shape
         nb, nt = len(self.active), -(-T // self.chunk)
         carry = [np.empty(nb * nt * D, m.F) for _ in range(len(self.s))]
-        m.newton_carry(*self.sa, *self.sb, *carry, nb, nt, D)
+        m.newton_carry(*self.sa, *self.sb, *carry, nb, nt, D, self.ch)
         m.newton_fixup(*self.fv, *self.jac, *carry, *[a.reshape(-1) for a in self._arrays()[2]],
-                       nb, T, D, self.chunk)
+                       nb, T, D, self.ch, self.chunk)
 
     def _keep(self, keep: np.ndarray) -> None:
         """Drop the active sequences where `keep` is False (their states are final)."""
@@ -177,7 +182,7 @@ class _Newton:
         B, _, D = self.shape
         self.module.newton_guess(*[a.reshape(-1) for a in (*self.h0, *self.x)], *self.rest,
                                  *[a.reshape(-1) for a in self.s], B, self.shape[1], D,
-                                 self.chunk)
+                                 self.ch, self.chunk)
         rel = self._linearise()
         self.residual = float(rel.max())
         bad = self._record(rel)
@@ -276,10 +281,11 @@ def backward(module: ModuleType, g_states: Sequence[torch.Tensor | None],
     # per-(b, d) partial gradients of vector and scalar params, per-b ones of matrices
     g_p = [np.empty(B * D, v.dtype) for v in p]
     g_M = [np.zeros((B, D, D), m.dtype) for m in M]
+    ch = _defaults.cpu_channel_block(B, D, numba.get_num_threads())
     module.backward_adjoint(*g_states, *g_outputs, *[_flat(h) for h in h0s],
                             *[_flat(x) for x in xs], *p, *M, *[_flat(s) for s in states],
                             *[_out(g) for g in g_h0s], *[_out(g) for g in g_xs], *g_p, *g_M,
-                            B, T, D)
+                            B, T, D, ch)
     g_ps, partials, matrices = [], iter(g_p), iter(g_M)
     for q in ps:
         if q.dim() == 2:

@@ -1,5 +1,6 @@
 """Every default of the run-time side, defined once: Newton's tolerance and iteration count,
-the CPU kernels' time chunk, the CUDA simulator switch, and the "auto" method and backend.
+the CPU kernels' time chunk and channel block, the CUDA simulator switch, and the "auto"
+method and backend.
 
 `cell.apply`, the CPU and CUDA launchers (`_cpu`, `_cuda`) and the torch reference
 (`_reference`) all read them from here. Imports neither torch nor numba.
@@ -50,6 +51,31 @@ TOL_FACTOR = 16.0
 CPU_TIME_CHUNK = 128
 """Time steps per parallel task of the CPU Newton kernels: each task composes the affine maps
 of its chunk, so longer chunks mean fewer tasks and a shorter carry across chunks."""
+
+CPU_CHANNEL_BLOCKS = (512, 256, 128, 64)
+"""The channel blocks `cpu_channel_block` chooses from, longest first."""
+
+CPU_TASKS_PER_THREAD = 2
+"""`cpu_channel_block` keeps at least this many (sequence, channel block) tasks per thread
+where it can, so that every thread has work and an uneven split costs little."""
+
+
+def cpu_channel_block(B: int, D: int, threads: int) -> int:
+    """Channels per task of the per-channel CPU kernels for a call on B sequences of D
+    channels with `threads` numba threads (the launcher passes it to every kernel as CH).
+
+    The longest block of `CPU_CHANNEL_BLOCKS` that still leaves B * ceil(D / CH) >=
+    `CPU_TASKS_PER_THREAD` * threads tasks (one task for one thread), the shortest (64)
+    when none does; then the shortest block with as many blocks per row (D = 70 takes 128,
+    not 512: the same single block). Longer blocks amortise the per-(task, time step)
+    overhead and give the core more independent channels per step (one thread, B=4, D=256:
+    the forward is 1.4-1.7x faster with 256 than with 64, the backward 5-15%; see
+    docs/benchmarks.md); shorter ones give more tasks to spread over threads."""
+    want = CPU_TASKS_PER_THREAD * threads if threads > 1 else 1  # one thread: nothing to balance
+    ch = next((c for c in CPU_CHANNEL_BLOCKS if B * -(-D // c) >= want),
+              CPU_CHANNEL_BLOCKS[-1])
+    return min(c for c in CPU_CHANNEL_BLOCKS if c <= ch and -(-D // c) == -(-D // ch))
+
 
 # the machine epsilons (torch.finfo(dtype).eps), by dtype name: no torch import needed
 _EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23,

@@ -40,6 +40,7 @@ RUNTIME_ONLY = frozenset({
     "__init__.py", "__main__.py", "_cli.py",  # entry points
     "_runtime.py", "_layer.py", "_checks.py",  # CompiledCell, its ops, layer, argument checks
     "_cpu.py", "_cuda.py", "_cuda_dense.py",  # the host drivers that launch the kernels
+    "_damping.py",  # the CPU Newton's Levenberg–Marquardt solve (host side)
     "_reference.py",  # the pure-torch reference backend
     "_ptx.py",  # a resource report of compiled CUDA kernels
     "_cache.py", "_version.py",  # their format and version are parts of every key already

@@ -39,17 +39,23 @@ def module(request, tmp_path_factory):
     return render_context(analysis, "cpu", "float32", meta), mod
 
 
-def _call(ctx, mod, kernel: str, B: int, T: int, D: int, LT: int = 1) -> str:
-    """Run `kernel` once on small arrays sized from its argument names; its LLVM IR."""
+def _call(ctx, mod, kernel: str, B: int, T: int, D: int, LT: int = 1, CH: int = 64) -> str:
+    """Run `kernel` once on small arrays sized from its argument names; its LLVM IR (CH, the
+    channels per task, is a run-time argument: one compiled loop serves every block)."""
     nt = (T + LT - 1) // LT
     sizes = {"h0_": B * D, "gh0_": B * D, "gp": B * D, "p": D, "chunk_A": B * nt * D,
              "chunk_v": B * nt * D, "resid": ctx.k * B * nt * D, "scale": ctx.k * B * nt * D,
-             "B": B, "T": T, "D": D, "LT": LT}
+             "B": B, "T": T, "D": D, "CH": CH, "LT": LT}
     args: list = []
     for arg in ctx.kernel_args[kernel]:
         group = re.fullmatch(r"(h0_|gh0_|[A-Za-z_]+?)[\d_]*", arg).group(1)
         size = sizes.get(group, B * T * D)  # x, s, fval, jac, gs, gy, gx: (B, T, D)
-        args.append(size if arg in ("B", "T", "D", "LT") else np.full(size, 0.5, np.float32))
+        if arg in ("B", "T", "D", "CH", "LT"):
+            args.append(size)
+        elif arg == "mask":  # forward_sequential: every (sequence, channel block) task runs
+            args.append(np.ones(B * -(-D // CH), np.uint8))
+        else:
+            args.append(np.full(size, 0.5, np.float32))
     fn = getattr(mod, kernel)
     fn(*args)
     return "\n".join(fn.inspect_llvm().values())
@@ -70,3 +76,9 @@ def test_backward_adjoint_vectorises(module) -> None:
 def test_newton_linearise_vectorises(module) -> None:
     ctx, mod = module
     _check(_call(ctx, mod, "newton_linearise", B=1, T=4, D=32, LT=2))
+
+
+def test_forward_sequential_vectorises(module) -> None:
+    ctx, mod = module
+    # two channel blocks, the second one short: the block is a run-time argument
+    _check(_call(ctx, mod, "forward_sequential", B=2, T=3, D=40, CH=32))

@@ -117,7 +117,9 @@ def test_simulator_switch_is_read_from_the_environment(monkeypatch):
 
 DEFAULT_NAMES = {"METHODS", "BACKENDS", "DEFAULT_ITERATIONS", "DEFAULT_TOL", "TOL_FACTOR",
                  "DEFAULT_TIME_CHUNK", "CPU_TIME_CHUNK", "default_tol", "default_iterations",
-                 "simulator_enabled", "auto_backend", "auto_method", "resolve_method"}
+                 "simulator_enabled", "auto_backend", "auto_method", "resolve_method",
+                 "DAMPED_STEPS", "DAMPINGS", "LM_LAMBDA_INIT", "LM_LAMBDA_DOWN", "LM_LAMBDA_UP",
+                 "CPU_CHANNEL_BLOCKS", "CPU_TASKS_PER_THREAD", "cpu_channel_block"}
 
 
 def test_each_default_is_defined_once():
