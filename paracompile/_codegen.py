@@ -268,7 +268,7 @@ class RenderContext:
     matvec_matrix: tuple[int, ...]
     """For each matrix product, the index of its matrix among the matrix params."""
     simulator: bool
-    """CUDA only: warp shuffles emulated through shared memory (the simulator has none)."""
+    """CUDA only: rendered for numba's simulator (plain `@cuda.jit`, no cache or reg. cap)."""
     device_decorator: str
     """The decorator of an inlined scalar device function on this target."""
     fast_imports: tuple[str, ...]

@@ -29,8 +29,9 @@ from ._backend import ForwardStats
 WARP = 32
 MAX_THREADS = 1024
 # newton_kernel / backward_kernel: a block is 32 channels x (threads / 32) time warps.
-# 16 warps keep any cell of <= 128 registers per thread within the 64K register file.
-DEFAULT_THREADS = 512
+# They are compiled with at most 128 registers a thread (CUDA_MAX_REGISTERS), so 16 warps
+# always fit the 64K register file: the default and the most an explicit `threads` may ask.
+DEFAULT_THREADS = FUSED_MAX_THREADS = 512
 # Steps per thread and pass: >= 8 so that the per-pass serial scan over the warps (one
 # affine apply per warp) stays small next to the chunk's work; <= 32 so that a pass's span
 # (512 steps at 16 warps) of inputs and states stays in L2 between its two sweeps.
@@ -199,7 +200,7 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
         return states, outputs, stats
 
     nthr, chunk = launch_config(T, chunk=chunk, threads=threads,
-                                limit=WARP * module.CUDA_MAX_WARPS)
+                                limit=min(FUSED_MAX_THREADS, WARP * module.CUDA_MAX_WARPS))
     status = ctx.empty(B, D, dtype=torch.int32)
     resid = ctx.empty(B, D)
     ctx.launch(module.newton_kernel, fused_grid(B, D), nthr, *args, *outs, ctx.view(status),
@@ -259,7 +260,7 @@ def backward(module, g_states: Sequence[torch.Tensor | None],
                 + [ctx.view(t) for t in g_parts])
         if method == "parallel":
             nthr, chunk = launch_config(T, chunk=chunk, threads=threads,
-                                        limit=WARP * module.CUDA_MAX_WARPS)
+                                        limit=min(FUSED_MAX_THREADS, WARP * module.CUDA_MAX_WARPS))
             ctx.launch(module.backward_kernel, fused_grid(B, D), nthr, *args, B, T, D, chunk)
         elif method == "sequential":
             block = 128 if not ctx.sim else 32

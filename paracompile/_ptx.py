@@ -194,8 +194,11 @@ def ptx_report(module, *, archs: Sequence[str] = DEFAULT_ARCHS,
                 path = os.path.join(tmp, f"{name}_{arch}.ptx")
                 with open(path, "w") as fh:
                     fh.write(ptx)
+                # the register cap the driver's linker applies to this kernel, if any
+                cap = getattr(module, "CUDA_MAX_REGISTERS", {}).get(name)
                 proc = subprocess.run(
-                    [ptxas, f"-arch={arch}", "-v", "-o", path[:-4] + ".cubin", path],
+                    [ptxas, f"-arch={arch}", "-v", *([f"-maxrregcount={cap}"] if cap else []),
+                     "-o", path[:-4] + ".cubin", path],
                     capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise PTXToolchainError(f"ptxas -arch={arch} failed on {name}:\n"

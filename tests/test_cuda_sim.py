@@ -186,6 +186,9 @@ def test_rendered_kernels(cell, dtype, warps):
     nmv = len(spec.jac_entries) + spec.k
     item = 8 if dtype == "float64" else 4
     assert 32 * item * (warps * (nmv + spec.k) + 2 * spec.k) <= 40960
-    assert gpu.count("@cuda.jit(cache=True)\ndef ") == 4
+    assert gpu.count("@cuda.jit(cache=True)\ndef ") == 2  # the sequential kernels
+    # the fused ones: also capped at 128 registers (512 threads fit the register file)
+    assert gpu.count("@cuda.jit(cache=True, **_FUSED_OPTIONS)\ndef ") == 2
+    assert '{"max_registers": 128}' in gpu
     assert "cache=True" not in sim
     assert "shfl" not in gpu
