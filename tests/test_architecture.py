@@ -116,10 +116,12 @@ def test_imports_follow_the_pipeline():
     assert "_driver" not in _closure({"_runtime"})
     assert _closure({"_layer"}) <= {"_layer", "_checks", "_defaults"}
     assert not {"_codegen", "_driver", "_runtime"} & _closure({"_analyse", "_parse"})
-    # the kernel launchers know the shared interface, the defaults and (the dense CUDA one)
-    # the CUDA plumbing of `_cuda`: nothing of the runtime or the compiler
+    # the kernel launchers know the shared interface, the defaults, (the CPU one) the
+    # Levenberg–Marquardt solve and (the dense CUDA one) the CUDA plumbing of `_cuda`:
+    # nothing of the runtime or the compiler
     assert _closure({"_cpu", "_cuda", "_cuda_dense"}) <= {"_cpu", "_cuda", "_cuda_dense",
-                                                         "_backend", "_defaults"}
+                                                         "_damping", "_backend", "_defaults"}
+    assert _closure({"_damping"}) <= {"_damping", "_defaults"}
 
 
 def test_the_runtime_side_needs_no_compiler():
