@@ -20,8 +20,10 @@ PACKAGE = Path(paracompile.__file__).parent
 
 
 def shared_parameters(fn) -> list[tuple[str, object, object]]:
-    """(name, kind, default) of `fn`'s parameters, without `_cuda`'s extra launch knobs."""
-    extras = {"threads"} | ({"method", "chunk"} if fn.__name__ == "backward" else set())
+    """(name, kind, default) of `fn`'s parameters, without `_cuda`'s extra launch knobs and
+    `_cpu`'s `damping` (the CUDA kernels have no damped phase: they fall back directly)."""
+    extras = {"threads", "damping"} | ({"method", "chunk"} if fn.__name__ == "backward"
+                                       else set())
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()
             if p.name not in extras]
 
