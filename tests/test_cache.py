@@ -153,6 +153,8 @@ def test_key_changes_with_the_templates(fresh_fingerprints, module_keys, monkeyp
     ("_cpu_common.jinja", {"cpu"}),
     ("module.py.jinja", {"cpu", "cuda"}),
     ("cuda.py.jinja", {"cuda"}),
+    ("cuda_dense.py.jinja", {"cuda"}),
+    ("cpu_dense.py.jinja", {"cpu"}),
 ])
 def test_editing_a_template_file_changes_its_targets(tmp_path, monkeypatch, edited, changes):
     """The fingerprint covers the files on disk: copy the templates, edit one, compare."""

@@ -225,22 +225,6 @@ def _render(name: str, target: str, dtype: str) -> str:
     return render(analysis, target, dtype, metadata(analysis, "test"))
 
 
-def test_the_cuda_fingerprint_covers_the_dense_template(tmp_path, monkeypatch):
-    """Editing cuda_dense.py.jinja changes the CUDA modules' keys, not the CPU ones."""
-    from paracompile import _codegen
-
-    copy = tmp_path / "templates"
-    copy.mkdir()
-    for f in _codegen.templates_dir().glob("*.jinja"):
-        (copy / f.name).write_text(f.read_text())
-    monkeypatch.setattr(_codegen, "templates_dir", lambda: copy)
-    before = {f: _codegen.template_sources(f) for f in ("cpu", "cuda")}
-    with open(copy / "cuda_dense.py.jinja", "a") as fh:
-        fh.write("{# edited #}\n")
-    after = {f: _codegen.template_sources(f) for f in ("cpu", "cuda")}
-    assert {f for f in before if before[f] != after[f]} == {"cuda"}
-
-
 def test_the_launcher_has_the_shared_interface():
     def parameters(fn, extras):
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()
