@@ -168,7 +168,9 @@ class _Newton:
                 full[self.active] = part
 
     def _record(self, rel: np.ndarray) -> np.ndarray:
-        """Note the channels that converged now; return the unconverged ones (active b, D)."""
+        """Note the residual `rel` of the current iterate (the stats' residual) and the
+        channels that converged now; return the unconverged ones (active b, D)."""
+        self.residual = float(rel.max())
         ok = rel <= self.tol
         it = self.iters[self.active]
         it[ok & (it < 0)] = self.done
@@ -184,14 +186,12 @@ class _Newton:
                                  *[a.reshape(-1) for a in self.s], B, self.shape[1], D,
                                  self.ch, self.chunk)
         rel = self._linearise()
-        self.residual = float(rel.max())
         bad = self._record(rel)
         while bad.any() and self.done < iterations:
             self._keep(bad.any(axis=1))
             self._step()
             self.done += 1
             rel = self._linearise()
-            self.residual = float(rel.max())
             bad = self._record(rel)
         if damping == "lm":
             bad = self._levenberg_marquardt(rel, bad, damped)
@@ -241,7 +241,6 @@ class _Newton:
             rel = np.where(reject, rel, new)
             lam = np.where(reject, lam * _defaults.LM_LAMBDA_UP,
                            np.where(move, lam / _defaults.LM_LAMBDA_DOWN, lam))
-            self.residual = float(rel.max())
             bad = self._record(rel)
         return bad
 

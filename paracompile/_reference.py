@@ -175,18 +175,13 @@ def _seq_rel(H: Sequence[Tensor], F: Sequence[Tensor]) -> Tensor:
     """Per sequence b, the largest normwise relative residual of any state and channel:
     max_{i,d} max_t |h_t - f_t| / max_t |h_t| (scale clamped to [`scale_floor`, finfo.max],
     so an overflowed state never counts as converged). (B,); NaN where a residual is NaN."""
-    h = torch.stack(tuple(H))  # (k, B, T, D)
-    r = (h - torch.stack(tuple(F))).abs().amax(dim=2)  # (k, B, D); amax keeps NaN
-    info = torch.finfo(h.dtype)
-    scale = h.abs().amax(dim=2).nan_to_num(nan=info.max).clamp(scale_floor(h.dtype), info.max)
-    ratio = (r / scale).transpose(0, 1)  # (B, k, D)
-    return ratio.reshape(ratio.shape[0], -1).amax(dim=1)
+    return _channel_rel(H, F).amax(dim=1)
 
 
 def _channel_rel(H: Sequence[Tensor], F: Sequence[Tensor]) -> Tensor:
     """`_seq_rel` per (sequence, channel): the largest over states, (B, D); NaN stays NaN."""
     h = torch.stack(tuple(H))  # (k, B, T, D)
-    r = (h - torch.stack(tuple(F))).abs().amax(dim=2)
+    r = (h - torch.stack(tuple(F))).abs().amax(dim=2)  # (k, B, D); amax keeps NaN
     info = torch.finfo(h.dtype)
     scale = h.abs().amax(dim=2).nan_to_num(nan=info.max).clamp(scale_floor(h.dtype), info.max)
     return (r / scale).amax(dim=0)
@@ -436,21 +431,26 @@ def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, den
         first[ok & (first < 0)] = n
         return ~ok
 
-    def newton_step() -> Tensors:
+    def linearised() -> tuple[Tensor, Tensor]:
+        """(J_t, r_t = h_t - f(h_{t-1})) at the current iterate, as `affine_scan` and
+        `lm_solve` take them."""
         J = _jac_flat(step, _flat(prev), xs, params, dense)
-        J = J.reshape(B, T, *J.shape[1:])
         r = _to_vec([h - f for h, f in zip(H, F, strict=True)], dense)
+        return J.reshape(B, T, *J.shape[1:]), r
+
+    def newton_step() -> Tensors:
+        J, r = linearised()
         return _from_vec(affine_scan(J, -r), k, dense)  # δ_t = J_t δ_{t-1} - r_t, δ_{-1} = 0
 
-    def moved(base: Tensors, delta: Tensors, alpha: Tensor) -> Tensors:
-        # only the unconverged sequences move (alpha 0 elsewhere)
-        a = alpha.to(base[0].device, base[0].dtype).view(B, 1, 1)
+    def moved(base: Tensors, delta: Tensors, mask: Tensor) -> Tensors:
+        # only the sequences in `mask` (the unconverged ones) move
+        a = mask.to(base[0].device, base[0].dtype).view(B, 1, 1)
         return tuple(h + a * d for h, d in zip(base, delta, strict=True))
 
     n = 0
     bad = record(0)
     while bool(bad.any()) and n < max_iterations:
-        H = moved(H, newton_step(), bad.double())
+        H = moved(H, newton_step(), bad)
         n += 1
         prev = _previous(h0, H)
         F, Y = evaluate(prev)
@@ -469,10 +469,7 @@ def _newton_solve(step: Step, h0: Tensors, inputs: Tensors, params: Tensors, den
 
         while bool(bad.any()) and used < damped:
             move = ~(rel <= tol)  # the unconverged channels (sequences when dense)
-            J = _jac_flat(step, _flat(prev), xs, params, dense)
-            J = J.reshape(B, T, *J.shape[1:])
-            r = _to_vec([h - f for h, f in zip(H, F, strict=True)], dense)
-            delta = _from_vec(lm_solve(J, r, lam), k, dense)
+            delta = _from_vec(lm_solve(*linearised(), lam), k, dense)
             trial = where(move, tuple(h + d for h, d in zip(H, delta, strict=True)), H)
             F_new, Y_new = evaluate(_previous(h0, trial))
             new = _seq_rel(trial, F_new) if dense else _channel_rel(trial, F_new)
