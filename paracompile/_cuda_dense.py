@@ -24,7 +24,7 @@ import torch
 
 from . import _defaults
 from ._backend import ForwardStats
-from ._cuda import _Ctx
+from ._cuda import _Ctx, _torch_dtype
 
 DEFAULT_THREADS = 256  # at most this many threads per block; each loops over its channels
 
@@ -48,7 +48,7 @@ def _prepare(module: ModuleType, tensors: Sequence[torch.Tensor], ps: Sequence[t
     if not getattr(module, "CUDA_DENSE", False):
         raise ValueError("_cuda_dense runs the kernels of dense cells (cuda_dense.py.jinja); "
                          "this module is not one")
-    dtype = {"float32": torch.float32, "float64": torch.float64}[module.CUDA_DTYPE]
+    dtype = _torch_dtype(module)
     for t in [*tensors, *ps]:
         if t.dtype != dtype:
             raise TypeError(f"CUDA module is {module.CUDA_DTYPE}, got a {t.dtype} tensor")
@@ -110,13 +110,11 @@ def backward(module: ModuleType, g_states: Sequence[torch.Tensor | None],
     Returns (g_h0s: k (B, D), g_xs: m (B, T, D), g_ps shaped like ps).
     """
     B, T, D = xs[0].shape
-    vectors, matrices = _prepare(module, [*h0s, *xs, *states], ps, D)
+    given = [g for g in (*g_states, *g_outputs) if g is not None]
+    vectors, matrices = _prepare(module, [*h0s, *xs, *states, *given], ps, D)
     ctx = _Ctx(module, xs[0])
     g_states = [ctx.zeros(B, T, D) if g is None else g for g in g_states]
     g_outputs = [ctx.zeros(B, T, D) if g is None else g for g in g_outputs]
-    for g in [*g_states, *g_outputs]:
-        if g.dtype != ctx.dtype:
-            raise TypeError(f"CUDA module is {module.CUDA_DTYPE}, got a {g.dtype} tensor")
     # the kernel accumulates into these: the running adjoint (its last value is the gradient
     # of h0) and the per-(b, c) param partials
     g_h0s = [ctx.zeros(B, D) for _ in h0s]
