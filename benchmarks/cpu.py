@@ -5,17 +5,29 @@ times of the compiled sequential and Newton forwards, the compiled backward alon
 sequential loop of the same cell, the torch reference Newton, and forward+backward through
 each. Prints a Markdown table and saves a plot.
 
-Memory floors: the time to move the bytes a pass must move, each touched once, at the
-bandwidth of a plain `torch` copy measured in the same run: the floor of a pass that moves N
-bytes is the best time of `dst.copy_(src)` with src and dst of N/2 bytes each (a copy reads
-N/2 and writes N/2). With k states, m inputs and o outputs, the forward reads the inputs
-and writes the states and outputs: m + k + o arrays of B*T*D values; the backward reads the
-state and output cotangents, the inputs and the states and writes the input cotangents:
-k + o + m + k + m arrays (h0, the parameters and their gradients are B*D or D values:
-negligible). Minimum, not median, because the machine may be shared: the minimum is the
-least disturbed run.
+Memory floors: the time to move the bytes a pass must move, each touched once, at memory's
+bandwidth, that of a plain `torch` copy of 256 MiB measured in the same run (a copy reads
+half and writes half the bytes it moves). With k states, m inputs and o outputs, the forward
+reads the inputs and writes the states and outputs: m + k + o arrays of B*T*D values; the
+backward reads the state and output cotangents, the inputs and the states and writes the
+input cotangents: k + o + m + k + m arrays (h0, the parameters and their gradients are B*D
+or D values: negligible). The copy is larger than any last-level cache on purpose: a copy of
+the pass's own size (16-40 MB at T=1024) is partly served by a 32 MB L3 and its best time
+varies 2x between runs; the table shows it too, as a stricter reference for the backward
+("bwd copy", "bwd vs copy"). Minimum, not median, because the machine may be shared: the
+minimum is the least disturbed run.
+
+Warm pages: by default glibc hands freed blocks of more than a few MB back to the kernel, so
+every pass that allocates its outputs (the compiled ops, torch's loops alike) would also pay
+the page faults of fresh memory: about 5.8 ms per 12 MB on the VM of docs/benchmarks.md,
+more than the backward's whole memory floor, while the floors copy into a buffer allocated
+once. So the benchmark asks glibc (`mallopt`) to keep freed memory in the process, and
+every column runs on warm pages; ``--fresh-pages`` keeps glibc's default. Outside the
+benchmark the same is ``MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432``
+in the environment.
 
     python benchmarks/cpu.py [--threads 1] [--T 256 1024 4096] [--repeats 7] [--out DIR]
+                             [--fresh-pages]
 
 With ``--channel-blocks 64 auto`` it only compares channel blocks (channels per task of the
 CPU kernels; "auto" is `_defaults.cpu_channel_block`'s choice): the compiled sequential
@@ -27,6 +39,8 @@ ratios to the memory floors.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import platform
 import time
 from pathlib import Path
@@ -40,6 +54,22 @@ from paracompile import _defaults
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel (so
+    that allocations reuse warm pages); False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    # 32 MiB is the largest mmap threshold glibc accepts: larger blocks are still mapped
+    # afresh each time (at B=4, D=256 an array reaches it at T=8192)
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)
+                and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 def best_ms(fn, repeats: int) -> float:
     fn()  # warm up (and compile)
     times = []
@@ -50,12 +80,27 @@ def best_ms(fn, repeats: int) -> float:
     return min(times)
 
 
-def floor_ms(n_arrays: int, numel: int, repeats: int) -> float:
+_BANDWIDTH_BYTES = 256 << 20  # a copy this large streams from memory, past any L3
+
+
+def memory_bandwidth(repeats: int) -> float:
+    """Bytes per millisecond of the best `dst.copy_(src)` moving 256 MiB."""
+    src = torch.ones(_BANDWIDTH_BYTES // 2 // 4)  # float32; the copy reads src, writes dst
+    dst = torch.empty_like(src)
+    return _BANDWIDTH_BYTES / best_ms(lambda: dst.copy_(src), max(repeats, 10))
+
+
+def floor_ms(n_arrays: int, numel: int, bandwidth: float) -> float:
+    """The memory floor of a pass touching n_arrays float32 arrays of numel values once."""
+    return n_arrays * numel * 4 / bandwidth
+
+
+def copy_ms(n_arrays: int, numel: int, repeats: int) -> float:
     """The best time of a torch copy moving n_arrays * numel float32 values (half read, half
-    written): the memory floor of a pass that touches those arrays once."""
+    written), at least 50 repeats (a copy takes about a millisecond)."""
     src = torch.ones(n_arrays * numel // 2)
     dst = torch.empty_like(src)
-    return best_ms(lambda: dst.copy_(src), repeats)
+    return best_ms(lambda: dst.copy_(src), max(repeats, 50))
 
 
 def make_args(cell, B: int, T: int, D: int, grad: bool):
@@ -71,8 +116,10 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     slow_repeats = 3 if T <= 1024 else 1  # the torch baselines take seconds at long T
     inputs, params = make_args(cell, B, T, D, grad=False)
     k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
-    row["fwd floor"] = floor_ms(m + k + o, B * T * D, repeats)
-    row["bwd floor"] = floor_ms(k + o + 2 * m + k, B * T * D, repeats)
+    bandwidth = memory_bandwidth(repeats)
+    row["fwd floor"] = floor_ms(m + k + o, B * T * D, bandwidth)
+    row["bwd floor"] = floor_ms(k + o + 2 * m + k, B * T * D, bandwidth)
+    row["bwd copy"] = copy_ms(k + o + 2 * m + k, B * T * D, repeats)
     with torch.no_grad():
         row["compiled sequential"] = best_ms(
             lambda: cell.apply(inputs, params, method="sequential", backend="cpu"), repeats)
@@ -120,8 +167,9 @@ def compare_channel_blocks(cell, B: int, T: int, D: int, blocks: list[str], repe
     inputs, params = make_args(cell, B, T, D, grad=True)
     leaves = [*inputs.values(), *params.values()]
     k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
-    floors = {"fwd": floor_ms(m + k + o, B * T * D, repeats),
-              "bwd": floor_ms(k + o + 2 * m + k, B * T * D, repeats)}
+    bandwidth = memory_bandwidth(repeats)
+    floors = {"fwd": floor_ms(m + k + o, B * T * D, bandwidth),
+              "bwd": floor_ms(k + o + 2 * m + k, B * T * D, bandwidth)}
     best = {b: {"fwd": float("inf"), "bwd": float("inf")} for b in blocks}
     try:
         for rep in range(repeats + 1):  # the first round compiles and warms up
@@ -175,11 +223,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--channel-blocks", nargs="+", metavar="CH",
                         help='only compare these channel blocks (numbers or "auto")')
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="keep glibc's default of returning freed memory to the kernel")
     args = parser.parse_args()
+    warm = not args.fresh_pages and keep_freed_memory()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-               f"thread(s), torch {torch.__version__}, numba {numba.__version__}")
+               f"thread(s), torch {torch.__version__}, numba {numba.__version__}, "
+               f"{'warm' if warm else 'fresh'} pages")
     if args.channel_blocks:
         main_channel_blocks(args, machine)
         return
@@ -193,16 +245,18 @@ def main() -> None:
                                                  args.slow_limit)
     columns = list(dict.fromkeys(c for r in results.values() for c in r))
     lines = ["| cell | T | " + " | ".join(columns) + " | seq vs loop | fwd vs floor | "
-             "bwd vs floor | fwd+bwd vs autograd |",
-             "|---" * (len(columns) + 6) + "|"]
+             "bwd vs floor | bwd vs copy | fwd+bwd vs autograd |",
+             "|---" * (len(columns) + 7) + "|"]
     for (name, T), row in results.items():
         cells = [f"{row[c]:.2f}" if c in row else "-" for c in columns]
         speed = row["torch loop"] / row["compiled sequential"]
         fwd = row["compiled sequential"] / row["fwd floor"]
         bwd = row["bwd compiled"] / row["bwd floor"]
+        bwd_copy = row["bwd compiled"] / row["bwd copy"]
         both = row["fwd+bwd torch loop (autograd)"] / row["fwd+bwd compiled sequential"]
         lines.append(f"| {name} | {T} | " + " | ".join(cells)
-                     + f" | {speed:.0f}x | {fwd:.1f}x | {bwd:.1f}x | {both:.0f}x |")
+                     + f" | {speed:.0f}x | {fwd:.1f}x | {bwd:.1f}x | {bwd_copy:.1f}x | "
+                     f"{both:.0f}x |")
     table = "\n".join(lines)
     print("\nbest milliseconds\n")
     print(table)

@@ -82,3 +82,41 @@ def test_forward_sequential_vectorises(module) -> None:
     ctx, mod = module
     # two channel blocks, the second one short: the block is a run-time argument
     _check(_call(ctx, mod, "forward_sequential", B=2, T=3, D=40, CH=32))
+
+
+def test_backward_adjoint_prefetches_the_rows_ahead(module) -> None:
+    """It walks time backwards, which the hardware prefetchers follow poorly: every (B, T, D)
+    array it streams is prefetched (paracompile/_prefetch.py), and the loop still vectorises.
+    T=12 > PREFETCH_ROWS + 1, so both the prefetching and the near-the-start rows run."""
+    ctx, mod = module
+    llvm_ir = _call(ctx, mod, "backward_adjoint", B=1, T=12, D=32)
+    _check(llvm_ir)
+    streams = 2 * ctx.k + ctx.o + 2 * ctx.m  # s (the row before), gs, gy, x, gx
+    # LINES_AT_ONCE lines per iteration of the main channel loop, one in the loop over the
+    # rest (which LLVM may unroll: more copies)
+    assert llvm_ir.count("call void @llvm.prefetch") >= (int(mod.LINES_AT_ONCE) + 1) * streams
+
+
+def test_prefetch_leaves_values_alone() -> None:
+    from numba import njit
+
+    from paracompile._prefetch import prefetch
+
+    @njit
+    def total(a):
+        s = a[0] * 0
+        for i in range(a.size):
+            prefetch(a, i + 8)  # past the end near the last elements: a hint, never a fault
+            s += a[i]
+        return s
+
+    values = np.arange(10, dtype=np.float32)
+    assert total(values) == values.sum()
+
+
+def test_prefetch_is_a_no_op_in_python() -> None:
+    """With NUMBA_DISABLE_JIT=1 (the fuzz tests) generated kernels run as Python: the hint
+    must be callable there too."""
+    from paracompile._prefetch import prefetch
+
+    assert prefetch(np.zeros(4, np.float32), 2) is None
