@@ -22,21 +22,29 @@ from paracompile._driver import metadata
 from paracompile._parse import parse_cell
 
 CELLS = Path(__file__).resolve().parent.parent / "cells"
-_PACKED = re.compile(r"= (fmul|fadd|fsub)\b[^\n]*<(4|8|16) x float>")
+_PACKED = re.compile(r"= (fmul|fadd|fsub)\b[^\n]*<(2|4|8|16) x (float|double)>")
 
 
-@pytest.fixture(scope="module", params=["paragru", "paralstm"])
-def module(request, tmp_path_factory):
-    name = request.param
+def _load(name: str, dtype: str, tmp_path_factory):
     analysis = analyse(parse_cell((CELLS / f"{name}.cell").read_text(), f"{name}.cell"))
     meta = metadata(analysis, "test")
-    source = render(analysis, "cpu", "float32", meta)
-    path = tmp_path_factory.mktemp("vectorise") / f"vec_{name}.py"
+    source = render(analysis, "cpu", dtype, meta)
+    path = tmp_path_factory.mktemp("vectorise") / f"vec_{name}_{dtype}.py"
     path.write_text(source.replace("cache=True", "cache=False"))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return render_context(analysis, "cpu", "float32", meta), mod
+    return render_context(analysis, "cpu", dtype, meta), mod
+
+
+@pytest.fixture(scope="module", params=["paragru", "paralstm"])
+def module(request, tmp_path_factory):
+    return _load(request.param, "float32", tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["paragru", "paralstm"])
+def module64(request, tmp_path_factory):
+    return _load(request.param, "float64", tmp_path_factory)
 
 
 def _call(ctx, mod, kernel: str, B: int, T: int, D: int, LT: int = 1, CH: int = 64) -> str:
@@ -55,7 +63,7 @@ def _call(ctx, mod, kernel: str, B: int, T: int, D: int, LT: int = 1, CH: int = 
         elif arg == "mask":  # forward_sequential: every (sequence, channel block) task runs
             args.append(np.ones(B * -(-D // CH), np.uint8))
         else:
-            args.append(np.full(size, 0.5, np.float32))
+            args.append(np.full(size, 0.5, np.dtype(ctx.dtype)))
     fn = getattr(mod, kernel)
     fn(*args)
     return "\n".join(fn.inspect_llvm().values())
@@ -84,17 +92,33 @@ def test_forward_sequential_vectorises(module) -> None:
     _check(_call(ctx, mod, "forward_sequential", B=2, T=3, D=40, CH=32))
 
 
-def test_backward_adjoint_prefetches_the_rows_ahead(module) -> None:
-    """It walks time backwards, which the hardware prefetchers follow poorly: every (B, T, D)
-    array it streams is prefetched (paracompile/_prefetch.py), and the loop still vectorises.
-    T=12 > PREFETCH_ROWS + 1, so both the prefetching and the near-the-start rows run."""
-    ctx, mod = module
-    llvm_ir = _call(ctx, mod, "backward_adjoint", B=1, T=12, D=32)
+def _check_prefetching_backward(ctx, mod) -> None:
+    """backward_adjoint walks time backwards, which the hardware prefetchers follow poorly:
+    every (B, T, D) array it streams is prefetched (paracompile/_prefetch.py), LINES_AT_ONCE
+    cache lines of channels per iteration of its main channel loop, and that loop is
+    vectorised.
+
+    T=12 > PREFETCH_ROWS + 1, so both the prefetching and the near-the-start rows run; D=70
+    in blocks of 64: one block runs the main loop (64 channels = LINES_AT_ONCE lines of 16
+    float32, or twice 4 lines of 8 float64), the other only the loop over the rest."""
+    llvm_ir = _call(ctx, mod, "backward_adjoint", B=1, T=12, D=70)
     _check(llvm_ir)
     streams = 2 * ctx.k + ctx.o + 2 * ctx.m  # s (the row before), gs, gy, x, gx
-    # LINES_AT_ONCE lines per iteration of the main channel loop, one in the loop over the
-    # rest (which LLVM may unroll: more copies)
-    assert llvm_ir.count("call void @llvm.prefetch") >= (int(mod.LINES_AT_ONCE) + 1) * streams
+    per_iteration = int(mod.LINES_AT_ONCE) * streams
+    # LLVM unrolls the main loop's fixed LINE-channel inner loop and vectorises across it
+    # (SLP): the block that issues an iteration's prefetches also does its arithmetic
+    blocks = re.split(r"\n(?=[\w.]+:)", llvm_ir)
+    main = [b for b in blocks if b.count("call void @llvm.prefetch") >= per_iteration]
+    assert main, "no block prefetches LINES_AT_ONCE lines of every stream"
+    assert any(_PACKED.search(b) for b in main), "the main channel loop is scalar"
+
+
+def test_backward_adjoint_prefetches_and_vectorises(module) -> None:
+    _check_prefetching_backward(*module)
+
+
+def test_backward_adjoint_prefetches_and_vectorises_float64(module64) -> None:
+    _check_prefetching_backward(*module64)
 
 
 def test_prefetch_leaves_values_alone() -> None:
