@@ -77,6 +77,12 @@ def launch_config(T: int, *, chunk: int | None = None, threads: int | None = Non
     return threads, chunk
 
 
+def _fused_limit(module) -> int:
+    """The most threads a block of `module`'s fused kernels may have: its shared arrays are
+    sized for CUDA_MAX_WARPS warps, its register cap for FUSED_MAX_THREADS threads."""
+    return min(FUSED_MAX_THREADS, WARP * module.CUDA_MAX_WARPS)
+
+
 def fused_grid(B: int, D: int) -> int:
     """Blocks of the fused kernels: one per batch entry and tile of 32 channels."""
     return B * math.ceil(D / WARP)
@@ -199,8 +205,7 @@ def forward(module, h0s: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
         _run_sequential(module, ctx, idx, args, outs, (B, T, D))
         return states, outputs, stats
 
-    nthr, chunk = launch_config(T, chunk=chunk, threads=threads,
-                                limit=min(FUSED_MAX_THREADS, WARP * module.CUDA_MAX_WARPS))
+    nthr, chunk = launch_config(T, chunk=chunk, threads=threads, limit=_fused_limit(module))
     status = ctx.empty(B, D, dtype=torch.int32)
     resid = ctx.empty(B, D)
     ctx.launch(module.newton_kernel, fused_grid(B, D), nthr, *args, *outs, ctx.view(status),
@@ -260,7 +265,7 @@ def backward(module, g_states: Sequence[torch.Tensor | None],
                 + [ctx.view(t) for t in g_parts])
         if method == "parallel":
             nthr, chunk = launch_config(T, chunk=chunk, threads=threads,
-                                        limit=min(FUSED_MAX_THREADS, WARP * module.CUDA_MAX_WARPS))
+                                        limit=_fused_limit(module))
             ctx.launch(module.backward_kernel, fused_grid(B, D), nthr, *args, B, T, D, chunk)
         elif method == "sequential":
             block = 128 if not ctx.sim else 32
