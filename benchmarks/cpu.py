@@ -83,24 +83,21 @@ def best_ms(fn, repeats: int) -> float:
 _BANDWIDTH_BYTES = 256 << 20  # a copy this large streams from memory, past any L3
 
 
-def memory_bandwidth(repeats: int) -> float:
-    """Bytes per millisecond of the best `dst.copy_(src)` moving 256 MiB."""
-    src = torch.ones(_BANDWIDTH_BYTES // 2 // 4)  # float32; the copy reads src, writes dst
+def copy_ms(nbytes: int, repeats: int) -> float:
+    """The best time of a torch copy moving `nbytes` (half read from src, half written)."""
+    src = torch.ones(nbytes // 2 // 4)  # float32
     dst = torch.empty_like(src)
-    return _BANDWIDTH_BYTES / best_ms(lambda: dst.copy_(src), max(repeats, 10))
+    return best_ms(lambda: dst.copy_(src), repeats)
+
+
+def memory_bandwidth(repeats: int) -> float:
+    """Bytes per millisecond of the best copy moving 256 MiB."""
+    return _BANDWIDTH_BYTES / copy_ms(_BANDWIDTH_BYTES, max(repeats, 10))
 
 
 def floor_ms(n_arrays: int, numel: int, bandwidth: float) -> float:
     """The memory floor of a pass touching n_arrays float32 arrays of numel values once."""
     return n_arrays * numel * 4 / bandwidth
-
-
-def copy_ms(n_arrays: int, numel: int, repeats: int) -> float:
-    """The best time of a torch copy moving n_arrays * numel float32 values (half read, half
-    written), at least 50 repeats (a copy takes about a millisecond)."""
-    src = torch.ones(n_arrays * numel // 2)
-    dst = torch.empty_like(src)
-    return best_ms(lambda: dst.copy_(src), max(repeats, 50))
 
 
 def make_args(cell, B: int, T: int, D: int, grad: bool):
@@ -117,9 +114,11 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     inputs, params = make_args(cell, B, T, D, grad=False)
     k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
     bandwidth = memory_bandwidth(repeats)
-    row["fwd floor"] = floor_ms(m + k + o, B * T * D, bandwidth)
-    row["bwd floor"] = floor_ms(k + o + 2 * m + k, B * T * D, bandwidth)
-    row["bwd copy"] = copy_ms(k + o + 2 * m + k, B * T * D, repeats)
+    fwd_arrays, bwd_arrays = m + k + o, k + o + 2 * m + k
+    row["fwd floor"] = floor_ms(fwd_arrays, B * T * D, bandwidth)
+    row["bwd floor"] = floor_ms(bwd_arrays, B * T * D, bandwidth)
+    # at least 50 repeats: the copy takes about a millisecond
+    row["bwd copy"] = copy_ms(bwd_arrays * B * T * D * 4, max(repeats, 50))
     with torch.no_grad():
         row["compiled sequential"] = best_ms(
             lambda: cell.apply(inputs, params, method="sequential", backend="cpu"), repeats)
