@@ -5,6 +5,8 @@ skeletons (Jinja, StrictUndefined) around them.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -141,6 +143,147 @@ def _vjp(outs: list[sp.Expr], cotangents: list[sp.Symbol], wrt: list[sp.Symbol])
             for w in wrt]
 
 
+def _vjp_function(
+    name: str, args: list[sp.Symbol], outs: list[sp.Expr], cotangents: list[sp.Symbol],
+    wrt: list[sp.Symbol], names: dict[sp.Symbol, str], printer_functions: dict[str, str],
+    known: dict[sp.Expr, str],
+) -> ScalarFunction:
+    """Print Σ_i cot_i ∂out_i/∂w for each w in `wrt` as one function of `args`.
+
+    Reverse mode (backpropagation over the CSE'd outputs, as an autograd tape would): each
+    common subexpression's adjoint is computed once and shared, so ParaLSTM's vjp needs about
+    a quarter fewer vector operations than the symbolic Σ_i cot_i ∂out_i/∂w (forward mode),
+    and the backward kernel is bound by exactly these operations (docs/benchmarks.md).
+    Steps with a select (`where`, directly or in a derivative) keep forward mode: there
+    `_selects` discards the untaken side of each derivative as a whole, where an adjoint
+    flowing through a shared subexpression could carry its NaN or inf (0 * inf).
+    """
+    forward = [_selects(e) for e in outs]
+    if any(e.has(where) for e in forward):
+        return _function(name, args, _vjp(outs, cotangents, wrt), names, printer_functions,
+                         known)
+    temporaries = sp.numbered_symbols("t", cls=sp.Dummy)
+    replacements, reduced = _lift_applications(
+        *sp.cse(forward, symbols=temporaries, order="none"), temporaries)
+    targets = {sym for sym, _ in replacements} | set(wrt)
+    # a derivative that repeats a forward value (sigmoid' = sigmoid (1 - sigmoid)) reads it
+    forward_values = {value: sym for sym, value in replacements}
+    adjoint_terms: dict[sp.Symbol, list[sp.Expr]] = {}
+
+    def backpropagate(expr: sp.Expr, adjoint: sp.Expr) -> bool:
+        for y in sorted(expr.free_symbols & targets, key=sp.default_sort_key):
+            d = sp.diff(expr, y).xreplace(forward_values)
+            if d.has(where):
+                return False
+            if d != 0:
+                adjoint_terms.setdefault(y, []).append(adjoint * d)
+        return True
+
+    tape: list[tuple[sp.Symbol, sp.Expr]] = []  # (adjoint symbol, its value), last-use order
+    ok = all(backpropagate(o, c) for o, c in zip(reduced, cotangents, strict=True))
+    for sym, value in reversed(replacements):
+        if not ok:
+            break
+        if sym in adjoint_terms:
+            adjoint = sp.Dummy(f"adj{len(tape)}")
+            tape.append((adjoint, sp.Add(*adjoint_terms.pop(sym))))
+            ok = backpropagate(value, adjoint)
+    if not ok:
+        return _function(name, args, _vjp(outs, cotangents, wrt), names, printer_functions,
+                         known)
+    results = [sp.Add(*adjoint_terms.get(w, [])) for w in wrt]
+    # one more CSE over everything (temporaries and adjoints as atoms): the adjoints share
+    # factors such as 1 - sigmoid
+    assignments = replacements + tape
+    extra, reduced_all = sp.cse([v for _, v in assignments] + results,
+                                symbols=sp.numbered_symbols("w", cls=sp.Dummy), order="none")
+    defined = dict(extra)
+    defined.update(zip((s for s, _ in assignments), reduced_all[:len(assignments)], strict=True))
+    results = reduced_all[len(assignments):]
+    # a temporary that is only another name for a symbol or a number is not printed
+    aliases = {sym: value for sym, value in defined.items() if value.is_Atom}
+    while aliases:
+        defined = {sym: value.xreplace(aliases) for sym, value in defined.items()
+                   if sym not in aliases}
+        results = [r.xreplace(aliases) for r in results]
+        aliases = {sym: value for sym, value in defined.items() if value.is_Atom}
+    return _print_assignments(name, args, defined, results, names, printer_functions, known)
+
+
+def _lift_applications(
+    replacements: list[tuple[sp.Symbol, sp.Expr]], reduced: list[sp.Expr],
+    temporaries: Iterator[sp.Symbol],
+) -> tuple[list[tuple[sp.Symbol, sp.Expr]], list[sp.Expr]]:
+    """`sp.cse`'s output with every function application (tanh(...), sigmoid(...), ...) a
+    temporary of its own: CSE leaves one that is used once inline, and its derivative
+    (1 - tanh^2) would then evaluate it again."""
+    lifted: list[tuple[sp.Symbol, sp.Expr]] = []
+    named: dict[sp.Expr, sp.Symbol] = {}
+
+    def lift(expr: sp.Expr) -> sp.Expr:
+        if expr.is_Atom:
+            return expr
+        args = [lift(a) for a in expr.args]
+        expr = expr.func(*args) if args != list(expr.args) else expr
+        if not isinstance(expr, sp.Function):
+            return expr
+        if expr not in named:
+            named[expr] = next(temporaries)
+            lifted.append((named[expr], expr))
+        return named[expr]
+
+    for sym, value in replacements:
+        if isinstance(value, sp.Function):  # already a temporary of its own
+            value = value.func(*(lift(a) for a in value.args))
+            named.setdefault(value, sym)
+        else:
+            value = lift(value)
+        lifted.append((sym, value))
+    return lifted, [lift(r) for r in reduced]
+
+
+def _print_assignments(
+    name: str, args: list[sp.Symbol], defined: dict[sp.Symbol, sp.Expr], results: list[sp.Expr],
+    names: dict[sp.Symbol, str], printer_functions: dict[str, str], known: dict[sp.Expr, str],
+) -> ScalarFunction:
+    """A function computing `results` from `args` through the temporaries `defined`
+    (symbol -> value over args and other temporaries), each assigned once, after those it
+    reads, in the order the results first need them. Temporaries are printed t0, t1, ...
+    (adjoints adj0, ...), or, where the value over the arguments is a user intermediate's
+    (`known`), i_<name>."""
+    order: list[sp.Symbol] = []
+    seen: set[sp.Symbol] = set()
+
+    def visit(expr: sp.Expr) -> None:  # depth-first: a temporary after what it reads
+        for y in sorted(expr.free_symbols & defined.keys(), key=sp.default_sort_key):
+            if y in seen:
+                continue
+            seen.add(y)
+            visit(defined[y])
+            order.append(y)
+
+    for r in results:
+        visit(r)
+    local = dict(names)
+    expanded: dict[sp.Symbol, sp.Expr] = {}
+    taken: set[str] = set()
+    counters = {"t": 0, "adj": 0}
+    for sym in order:
+        expanded[sym] = defined[sym].xreplace(expanded)
+        readable = known.get(expanded[sym])
+        if readable and readable not in taken:
+            local[sym] = readable
+        else:
+            prefix = "adj" if sym.name.startswith("adj") else "t"
+            local[sym] = f"{prefix}{counters[prefix]}"
+            counters[prefix] += 1
+        taken.add(local[sym])
+    printer = KernelPrinter(local, printer_functions)
+    body = tuple((local[sym], printer.doprint(defined[sym])) for sym in order)
+    return ScalarFunction(name, tuple(local[a] for a in args), body,
+                          tuple(printer.doprint(r) for r in results))
+
+
 def scalar_functions(analysis: Analysis, target: Target, dtype: DType) -> list[ScalarFunction]:
     """The per-channel functions the kernel skeletons call (docs/internal-interfaces.md)."""
     a = analysis
@@ -164,8 +307,8 @@ def scalar_functions(analysis: Analysis, target: Target, dtype: DType) -> list[S
         _function("step", base + us, everything, names, fns, known,
                   new_names + [f"o_{y}" for y in a.ir.outputs]),
         _function("step_jac", base + us + mds, new + jac, names, fns, known),
-        _function("step_vjp", base + us + cots,
-                  _vjp(everything, cots, states + inputs + params + us), names, fns, known),
+        _vjp_function("step_vjp", base + us + cots, everything, cots,
+                      states + inputs + params + us, names, fns, known),
     ]
     if a.matvecs:
         gv = [sp.Dummy(f"gv{m}", real=True) for m in range(len(us))]
@@ -173,10 +316,38 @@ def scalar_functions(analysis: Analysis, target: Target, dtype: DType) -> list[S
         operands = [t.operand for t in a.matvecs]
         result += [
             _function("operands", base, operands, names, fns, known),
-            _function("operands_vjp", base + gv, _vjp(operands, gv, states + inputs + params),
-                      names, fns, known),
+            _vjp_function("operands_vjp", base + gv, operands, gv, states + inputs + params,
+                          names, fns, known),
         ]
     return result
+
+
+CPU_LINES_AT_ONCE = 4
+"""Cache lines of channels the CPU backward computes per iteration (`interleaved` ways)."""
+
+
+def interleaved(f: ScalarFunction, ways: int) -> ScalarFunction:
+    """`f` for `ways` independent channels at once, statement by statement: ``{name}_x{ways}``
+    takes each channel's arguments in turn and returns each channel's results in turn.
+
+    The backward's vectorised loop computes several cache lines of channels per iteration so
+    that the core overlaps their long sigmoid/tanh dependency chains. Called once per line,
+    `f`'s inlined copies follow one another, and the out-of-order window (about a hundred
+    vector operations) holds one chain at a time; interleaved, it holds all of them
+    (docs/benchmarks.md). Channel w's names are ``w{w}_<name>``: a digit before the first
+    "_" is in no user name (one letter, then "_") and no other generated name.
+    """
+    local = set(f.args) | {name for name, _ in f.body}
+
+    def rename(code: str, w: int) -> str:
+        return re.sub(r"\b[A-Za-z_]\w*\b",
+                      lambda m: f"w{w}_{m[0]}" if m[0] in local else m[0], code)
+
+    return ScalarFunction(
+        f"{f.name}_x{ways}",
+        tuple(f"w{w}_{a}" for w in range(ways) for a in f.args),
+        tuple((f"w{w}_{name}", rename(code, w)) for name, code in f.body for w in range(ways)),
+        tuple(rename(r, w) for w in range(ways) for r in f.results))
 
 
 # -- the sparse affine-map algebra -----------------------------------------------------------
@@ -281,7 +452,10 @@ class RenderContext:
     code calls, from the function registry."""
     functions: tuple[ScalarFunction, ...]
     """The cell's per-channel functions: step, step_jac, step_vjp (+ operands, operands_vjp
-    for dense cells); docs/internal-interfaces.md."""
+    for dense cells; + step_vjp_x<lines_at_once>, `interleaved`, for the CPU backward of the
+    others); docs/internal-interfaces.md."""
+    lines_at_once: int
+    """CPU backward: cache lines of channels per iteration of its vectorised loop."""
     affine_functions: tuple[ScalarFunction, ...]
     """The sparse affine-map algebra over `jac_entries` (see `affine_functions`)."""
     kernel_args: dict[str, tuple[str, ...]]
@@ -425,7 +599,10 @@ def kernel_context(
         device_decorator=_DEVICE_DECORATORS[target],
         fast_imports=tuple(fast_imports(target, dtype)),
         libm_helpers=tuple(libm_helpers(target, dtype)),
-        functions=tuple(functions),
+        functions=tuple(functions) + tuple(
+            interleaved(f, CPU_LINES_AT_ONCE) for f in functions
+            if f.name == "step_vjp" and target == "cpu" and not matvec_matrix),
+        lines_at_once=CPU_LINES_AT_ONCE,
         affine_functions=tuple(affine_functions(k, tuple(jac_entries))),
         kernel_args=_kernel_args(k, m, q, o, tuple(jac_entries), n_matrices, target,
                                  len(matvec_matrix)),

@@ -99,14 +99,9 @@ _LP6 = _f(2.0000714765e-1)
 _LP7 = _f(-2.4999993993e-1)
 _LP8 = _f(3.3333331174e-1)
 
-# tanh: odd polynomial on |x| < 0.625, 1 - 2/(e^2|x| + 1) above; tanh(10) == 1 in float32.
-_TANH_SMALL = _f(0.625)
+# tanh: e^2|x| - 1 from exp's reduction; tanh(10) == 1 in float32, so |x| is clamped there.
+_TANH_SMALL = _f(0.75)  # below: em / (em + 2), above: 1 - 2 / (em + 2)
 _TANH_CLAMP = _f(10.0)
-_TP0 = _f(-5.70498872745e-3)
-_TP1 = _f(2.06390887954e-2)
-_TP2 = _f(-5.37397155531e-2)
-_TP3 = _f(1.33314422036e-1)
-_TP4 = _f(-3.33332819422e-1)
 
 
 # -- bit reinterpretation ---------------------------------------------------------------
@@ -129,11 +124,10 @@ def _from_bits(i: int) -> np.float32:
 
 
 @_jit
-def exp_f32(x: np.float32) -> np.float32:
-    """e^x. Overflow (x > 88.72) gives inf, underflow gives subnormals then 0, NaN -> NaN."""
-    # selects (not min/max) so NaN passes through: NaN compares false
-    x = _EXP_HI if x > _EXP_HI else x
-    x = _EXP_LO if x < _EXP_LO else x
+def _exp_reduced(x: np.float32) -> tuple[np.float32, np.float32]:
+    """(q, t) with e^x = 2^n (1 + q): q = e^r - 1 for r = x - n ln2, |r| <= ln2/2, and the
+    integer n held in t's low mantissa bits (read it with `_exp_scale`). For finite x with
+    |x| <= 110 (callers clamp); NaN gives NaN."""
     t = x * _LOG2E + _ROUND
     n = t - _ROUND  # round(x / ln2) without float->int conversion (poison on NaN)
     r = x - n * _LN2_HI - n * _LN2_LO
@@ -144,15 +138,29 @@ def exp_f32(x: np.float32) -> np.float32:
     p = p * r + _EP3
     p = p * r + _EP4
     p = p * r + _EP5
-    p = p * z + r + _ONE
-    # the integer n, read from t's mantissa; np.int32(...) keeps the integer lanes 32-bit
-    k = np.int32(_bits(t) - _ROUND_BITS)
+    return p * z + r, t
+
+
+@_jit
+def _exp_n(t: np.float32) -> np.int32:
+    """The integer n that `_exp_reduced` left in t's mantissa (int32 lanes)."""
+    return np.int32(_bits(t) - _ROUND_BITS)
+
+
+@_jit
+def exp_f32(x: np.float32) -> np.float32:
+    """e^x. Overflow (x > 88.72) gives inf, underflow gives subnormals then 0, NaN -> NaN."""
+    # selects (not min/max) so NaN passes through: NaN compares false
+    x = _EXP_HI if x > _EXP_HI else x
+    x = _EXP_LO if x < _EXP_LO else x
+    q, t = _exp_reduced(x)
+    k = _exp_n(t)
     # 2^n as two normal factors: n in [-159, 128] would not fit one exponent field
     k1 = k >> 1
     k2 = k - k1
     s1 = _from_bits((k1 + 127) << 23)
     s2 = _from_bits((k2 + 127) << 23)
-    return (p * s1) * s2
+    return ((q + _ONE) * s1) * s2
 
 
 @_jit
@@ -212,16 +220,16 @@ def log1p_f32(x: np.float32) -> np.float32:
 def tanh_f32(x: np.float32) -> np.float32:
     """tanh(x); exactly +-1 for |x| >= 9.011, odd (tanh(-0.0) = -0.0), NaN -> NaN."""
     a = abs(x)
-    z = x * x
-    p = _TP0
-    p = p * z + _TP1
-    p = p * z + _TP2
-    p = p * z + _TP3
-    p = p * z + _TP4
-    small = p * z * a + a  # tanh(|x|); exact for tiny x
-    c = _TANH_CLAMP if a > _TANH_CLAMP else a  # NaN stays NaN; e^20 cannot overflow
-    big = _ONE - _TWO / (exp_f32(c + c) + _ONE)
-    r = small if a < _TANH_SMALL else big
+    y = _TANH_CLAMP if a > _TANH_CLAMP else a  # NaN stays NaN
+    y = y + y  # tanh|x| = em / (em + 2) with em = e^2|x| - 1 in [0, e^20): no overflow
+    q, t = _exp_reduced(y)
+    s = _from_bits((_exp_n(t) + 127) << 23)  # 2^n, n in [0, 29]: one normal factor
+    em = s * q + (s - _ONE)  # 2^n (1 + q) - 1, exact s - 1; relatively accurate near 0
+    # one division either way: em / (em + 2) keeps relative accuracy for small |x|, where
+    # 1 - 2 / (em + 2) would cancel; above the switch the latter is the accurate one
+    small = a < _TANH_SMALL
+    v = (em if small else _TWO) / (em + _TWO)
+    r = v if small else _ONE - v
     # copysign(r, x) on the bits: odd symmetry, and tanh(-0.0) = -0.0
     return _from_bits((_bits(r) & 0x7FFFFFFF) | (_bits(x) & -0x80000000))
 
