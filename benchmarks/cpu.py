@@ -95,6 +95,12 @@ def memory_bandwidth(repeats: int) -> float:
     return _BANDWIDTH_BYTES / copy_ms(_BANDWIDTH_BYTES, max(repeats, 10))
 
 
+def pass_arrays(cell) -> tuple[int, int]:
+    """The (B, T, D) arrays the forward and the backward each move once (module docstring)."""
+    k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
+    return m + k + o, k + o + 2 * m + k
+
+
 def floor_ms(n_arrays: int, numel: int, bandwidth: float) -> float:
     """The memory floor of a pass touching n_arrays float32 arrays of numel values once."""
     return n_arrays * numel * 4 / bandwidth
@@ -112,9 +118,8 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     row: dict[str, float] = {}
     slow_repeats = 3 if T <= 1024 else 1  # the torch baselines take seconds at long T
     inputs, params = make_args(cell, B, T, D, grad=False)
-    k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
     bandwidth = memory_bandwidth(repeats)
-    fwd_arrays, bwd_arrays = m + k + o, k + o + 2 * m + k
+    fwd_arrays, bwd_arrays = pass_arrays(cell)
     row["fwd floor"] = floor_ms(fwd_arrays, B * T * D, bandwidth)
     row["bwd floor"] = floor_ms(bwd_arrays, B * T * D, bandwidth)
     # at least 50 repeats: the copy takes about a millisecond
@@ -165,10 +170,9 @@ def compare_channel_blocks(cell, B: int, T: int, D: int, blocks: list[str], repe
               for b in blocks}
     inputs, params = make_args(cell, B, T, D, grad=True)
     leaves = [*inputs.values(), *params.values()]
-    k, m, o = len(cell.states), len(cell.inputs), len(cell.outputs)
     bandwidth = memory_bandwidth(repeats)
-    floors = {"fwd": floor_ms(m + k + o, B * T * D, bandwidth),
-              "bwd": floor_ms(k + o + 2 * m + k, B * T * D, bandwidth)}
+    floors = {name: floor_ms(n, B * T * D, bandwidth)
+              for name, n in zip(("fwd", "bwd"), pass_arrays(cell), strict=True)}
     best = {b: {"fwd": float("inf"), "bwd": float("inf")} for b in blocks}
     try:
         for rep in range(repeats + 1):  # the first round compiles and warms up

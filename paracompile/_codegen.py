@@ -6,7 +6,7 @@ skeletons (Jinja, StrictUndefined) around them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -100,13 +100,7 @@ def _function(
     replacements, reduced = sp.cse([_selects(e) for e in exprs], symbols=temporaries,
                                    order="none")
     local = dict(names)
-    expanded: dict[sp.Symbol, sp.Expr] = {}  # each temporary's value over the arguments
-    taken: set[str] = set()
-    for sym, value in replacements:
-        expanded[sym] = value.xreplace(expanded)
-        readable = (known or {}).get(expanded[sym])
-        local[sym] = readable if readable and readable not in taken else sym.name
-        taken.add(local[sym])
+    local.update(_temporary_names(replacements, known or {}, lambda sym: sym.name))
     printer = KernelPrinter(local, printer_functions)
     body = [(local[sym], printer.doprint(value)) for sym, value in replacements]
     results = [printer.doprint(e) for e in reduced]
@@ -114,6 +108,23 @@ def _function(
         body += zip(result_names, results, strict=True)
         results = list(result_names)
     return ScalarFunction(name, tuple(local[a] for a in args), tuple(body), tuple(results))
+
+
+def _temporary_names(
+    temporaries: list[tuple[sp.Symbol, sp.Expr]], known: dict[sp.Expr, str],
+    fallback: Callable[[sp.Symbol], str],
+) -> dict[sp.Symbol, str]:
+    """The printed name of each temporary (symbol, value), in order: the user intermediate's
+    ``i_<name>`` where its value over the arguments is in `known` (each name once), else
+    `fallback(symbol)`."""
+    printed: dict[sp.Symbol, str] = {}
+    expanded: dict[sp.Symbol, sp.Expr] = {}  # each temporary's value over the arguments
+    for sym, value in temporaries:
+        expanded[sym] = value.xreplace(expanded)
+        readable = known.get(expanded[sym])
+        taken = readable in printed.values()
+        printed[sym] = readable if readable and not taken else fallback(sym)
+    return printed
 
 
 def _intermediate_names(analysis: Analysis) -> dict[sp.Expr, str]:
@@ -158,43 +169,13 @@ def _vjp_function(
     `_selects` discards the untaken side of each derivative as a whole, where an adjoint
     flowing through a shared subexpression could carry its NaN or inf (0 * inf).
     """
-    forward = [_selects(e) for e in outs]
-    if any(e.has(where) for e in forward):
+    backpropagated = _backpropagate([_selects(e) for e in outs], cotangents, wrt)
+    if backpropagated is None:
         return _function(name, args, _vjp(outs, cotangents, wrt), names, printer_functions,
                          known)
-    temporaries = sp.numbered_symbols("t", cls=sp.Dummy)
-    replacements, reduced = _lift_applications(
-        *sp.cse(forward, symbols=temporaries, order="none"), temporaries)
-    targets = {sym for sym, _ in replacements} | set(wrt)
-    # a derivative that repeats a forward value (sigmoid' = sigmoid (1 - sigmoid)) reads it
-    forward_values = {value: sym for sym, value in replacements}
-    adjoint_terms: dict[sp.Symbol, list[sp.Expr]] = {}
-
-    def backpropagate(expr: sp.Expr, adjoint: sp.Expr) -> bool:
-        for y in sorted(expr.free_symbols & targets, key=sp.default_sort_key):
-            d = sp.diff(expr, y).xreplace(forward_values)
-            if d.has(where):
-                return False
-            if d != 0:
-                adjoint_terms.setdefault(y, []).append(adjoint * d)
-        return True
-
-    tape: list[tuple[sp.Symbol, sp.Expr]] = []  # (adjoint symbol, its value), last-use order
-    ok = all(backpropagate(o, c) for o, c in zip(reduced, cotangents, strict=True))
-    for sym, value in reversed(replacements):
-        if not ok:
-            break
-        if sym in adjoint_terms:
-            adjoint = sp.Dummy(f"adj{len(tape)}")
-            tape.append((adjoint, sp.Add(*adjoint_terms.pop(sym))))
-            ok = backpropagate(value, adjoint)
-    if not ok:
-        return _function(name, args, _vjp(outs, cotangents, wrt), names, printer_functions,
-                         known)
-    results = [sp.Add(*adjoint_terms.get(w, [])) for w in wrt]
+    assignments, results = backpropagated
     # one more CSE over everything (temporaries and adjoints as atoms): the adjoints share
     # factors such as 1 - sigmoid
-    assignments = replacements + tape
     extra, reduced_all = sp.cse([v for _, v in assignments] + results,
                                 symbols=sp.numbered_symbols("w", cls=sp.Dummy), order="none")
     defined = dict(extra)
@@ -208,6 +189,43 @@ def _vjp_function(
         results = [r.xreplace(aliases) for r in results]
         aliases = {sym: value for sym, value in defined.items() if value.is_Atom}
     return _print_assignments(name, args, defined, results, names, printer_functions, known)
+
+
+def _backpropagate(
+    forward: list[sp.Expr], cotangents: list[sp.Symbol], wrt: list[sp.Symbol],
+) -> tuple[list[tuple[sp.Symbol, sp.Expr]], list[sp.Expr]] | None:
+    """The tape of Σ_i cot_i ∂forward_i/∂w: the forward temporaries then the adjoints, each
+    (symbol, value) after those it reads, and the gradient of each w in `wrt` over them.
+    None where the step or a derivative has a select (`where`)."""
+    if any(e.has(where) for e in forward):
+        return None
+    temporaries = sp.numbered_symbols("t", cls=sp.Dummy)
+    replacements, reduced = _lift_applications(
+        *sp.cse(forward, symbols=temporaries, order="none"), temporaries)
+    targets = {sym for sym, _ in replacements} | set(wrt)
+    # a derivative that repeats a forward value (sigmoid' = sigmoid (1 - sigmoid)) reads it
+    forward_values = {value: sym for sym, value in replacements}
+    adjoint_terms: dict[sp.Symbol, list[sp.Expr]] = {}
+
+    def push(expr: sp.Expr, adjoint: sp.Expr) -> bool:
+        for y in sorted(expr.free_symbols & targets, key=sp.default_sort_key):
+            d = sp.diff(expr, y).xreplace(forward_values)
+            if d.has(where):
+                return False
+            if d != 0:
+                adjoint_terms.setdefault(y, []).append(adjoint * d)
+        return True
+
+    if not all(push(o, c) for o, c in zip(reduced, cotangents, strict=True)):
+        return None
+    tape: list[tuple[sp.Symbol, sp.Expr]] = []  # (adjoint symbol, its value), last-use order
+    for sym, value in reversed(replacements):
+        if sym in adjoint_terms:
+            adjoint = sp.Dummy(f"adj{len(tape)}")
+            tape.append((adjoint, sp.Add(*adjoint_terms.pop(sym))))
+            if not push(value, adjoint):
+                return None
+    return replacements + tape, [sp.Add(*adjoint_terms.get(w, [])) for w in wrt]
 
 
 def _lift_applications(
@@ -264,20 +282,15 @@ def _print_assignments(
 
     for r in results:
         visit(r)
-    local = dict(names)
-    expanded: dict[sp.Symbol, sp.Expr] = {}
-    taken: set[str] = set()
     counters = {"t": 0, "adj": 0}
-    for sym in order:
-        expanded[sym] = defined[sym].xreplace(expanded)
-        readable = known.get(expanded[sym])
-        if readable and readable not in taken:
-            local[sym] = readable
-        else:
-            prefix = "adj" if sym.name.startswith("adj") else "t"
-            local[sym] = f"{prefix}{counters[prefix]}"
-            counters[prefix] += 1
-        taken.add(local[sym])
+
+    def numbered(sym: sp.Symbol) -> str:
+        prefix = "adj" if sym.name.startswith("adj") else "t"
+        counters[prefix] += 1
+        return f"{prefix}{counters[prefix] - 1}"
+
+    local = dict(names)
+    local.update(_temporary_names([(sym, defined[sym]) for sym in order], known, numbered))
     printer = KernelPrinter(local, printer_functions)
     body = tuple((local[sym], printer.doprint(defined[sym])) for sym in order)
     return ScalarFunction(name, tuple(local[a] for a in args), body,

@@ -126,7 +126,7 @@ def _from_bits(i: int) -> np.float32:
 @_jit
 def _exp_reduced(x: np.float32) -> tuple[np.float32, np.float32]:
     """(q, t) with e^x = 2^n (1 + q): q = e^r - 1 for r = x - n ln2, |r| <= ln2/2, and the
-    integer n held in t's low mantissa bits (read it with `_exp_scale`). For finite x with
+    integer n held in t's low mantissa bits (read it with `_exp_n`). For finite x with
     |x| <= 110 (callers clamp); NaN gives NaN."""
     t = x * _LOG2E + _ROUND
     n = t - _ROUND  # round(x / ln2) without float->int conversion (poison on NaN)
