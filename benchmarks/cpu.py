@@ -15,7 +15,14 @@ or D values: negligible). The copy is larger than any last-level cache on purpos
 the pass's own size (16-40 MB at T=1024) is partly served by a 32 MB L3 and its best time
 varies 2x between runs; the table shows it too, as a stricter reference for the backward
 ("bwd copy", "bwd vs copy"). Minimum, not median, because the machine may be shared: the
-minimum is the least disturbed run.
+minimum is the least disturbed run. The bandwidth is that of the run's best 256 MiB copy.
+
+The backward alone ("bwd compiled") is the median, over TABLE_PLACEMENTS sets of arrays (all
+alive at once, so each set lies at other addresses), of each set's best time, the sets and
+the 256 MiB copy taking turns within each repeat. The VM of docs/benchmarks.md has slow
+spells of a second or more, longer than a back-to-back series of repeats of a 3 ms pass
+(whose minimum then measures the spell: up to 45% above other processes'), and the same
+kernel on the same values runs up to ~30% slower on some sets of arrays than on others.
 
 Warm pages: by default glibc hands freed blocks of more than a few MB back to the kernel, so
 every pass that allocates its outputs (the compiled ops, torch's loops alike) would also pay
@@ -27,7 +34,10 @@ benchmark the same is ``MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_
 in the environment.
 
     python benchmarks/cpu.py [--threads 1] [--T 256 1024 4096] [--repeats 7] [--out DIR]
-                             [--fresh-pages]
+                             [--fresh-pages] [--placements N]
+
+With ``--placements N`` it only times the backward alone, as for "bwd compiled" but on N sets
+of arrays, and prints the spread of the sets' best times and of their ratios to the floor.
 
 With ``--channel-blocks 64 auto`` it only compares channel blocks (channels per task of the
 CPU kernels; "auto" is `_defaults.cpu_channel_block`'s choice): the compiled sequential
@@ -41,7 +51,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -70,17 +82,20 @@ def keep_freed_memory() -> bool:
                 and libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
+def once_ms(fn) -> float:
+    """The milliseconds of one call of fn."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def best_ms(fn, repeats: int) -> float:
     fn()  # warm up (and compile)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
+    return min(once_ms(fn) for _ in range(repeats))
 
 
 _BANDWIDTH_BYTES = 256 << 20  # a copy this large streams from memory, past any L3
+TABLE_PLACEMENTS = 4  # sets of arrays the table's "bwd compiled" is the median over
 
 
 def copy_ms(nbytes: int, repeats: int) -> float:
@@ -120,8 +135,7 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     inputs, params = make_args(cell, B, T, D, grad=False)
     bandwidth = memory_bandwidth(repeats)
     fwd_arrays, bwd_arrays = pass_arrays(cell)
-    row["fwd floor"] = floor_ms(fwd_arrays, B * T * D, bandwidth)
-    row["bwd floor"] = floor_ms(bwd_arrays, B * T * D, bandwidth)
+    row["fwd floor"] = row["bwd floor"] = 0.0  # set below, from the best copy of the run
     # at least 50 repeats: the copy takes about a millisecond
     row["bwd copy"] = copy_ms(bwd_arrays * B * T * D * 4, max(repeats, 50))
     with torch.no_grad():
@@ -136,13 +150,17 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
             row["torch newton (reference)"] = best_ms(
                 lambda: cell.apply(inputs, params, method="newton", backend="torch"), 3)
 
+    # the backward alone (the compiled adjoint kernel and its host-side work): the median of
+    # its best times on TABLE_PLACEMENTS sets of arrays, timed in turns with the copy
+    placements, interleaved_copy = backward_placements(cell, B, T, D, TABLE_PLACEMENTS,
+                                                       repeats)
+    row["bwd compiled"] = statistics.median(placements)
+    bandwidth = max(bandwidth, _BANDWIDTH_BYTES / interleaved_copy)  # the best of the run
+    row["fwd floor"] = floor_ms(fwd_arrays, B * T * D, bandwidth)
+    row["bwd floor"] = floor_ms(bwd_arrays, B * T * D, bandwidth)
+
     g_inputs, g_params = make_args(cell, B, T, D, grad=True)
     leaves = [*g_inputs.values(), *g_params.values()]
-    out = cell.apply(g_inputs, g_params, method="sequential", backend="cpu")
-    cotangents = [torch.randn_like(v) for v in out.values()]
-    # the backward alone: the compiled adjoint kernel and its host-side work
-    row["bwd compiled"] = best_ms(lambda: torch.autograd.grad(
-        list(out.values()), leaves, cotangents, retain_graph=True), repeats)
 
     def fwd_bwd(method: str, backend: str):
         def run() -> None:
@@ -196,6 +214,51 @@ def compare_channel_blocks(cell, B: int, T: int, D: int, blocks: list[str], repe
             for b, r in best.items()}
 
 
+def backward_placements(cell, B: int, T: int, D: int, placements: int, repeats: int
+                        ) -> tuple[list[float], float]:
+    """(the best ms of the backward alone on each of `placements` sets of arrays, the best ms
+    of the 256 MiB copy that sets memory's bandwidth).
+
+    The sets take turns within each repeat, with the floor's copy, so that a slow spell of
+    the machine hits them alike: what remains between sets is where their arrays lie."""
+    runs = []
+    for _ in range(placements):  # all alive at once: each set lands at other addresses
+        inputs, params = make_args(cell, B, T, D, grad=True)
+        leaves = [*inputs.values(), *params.values()]
+        out = cell.apply(inputs, params, method="sequential", backend="cpu")
+        cotangents = [torch.randn_like(v) for v in out.values()]
+        runs.append(functools.partial(torch.autograd.grad, list(out.values()), leaves,
+                                      cotangents, retain_graph=True))
+    src = torch.ones(_BANDWIDTH_BYTES // 2 // 4)  # float32
+    dst = torch.empty_like(src)
+    copy, best = float("inf"), [float("inf")] * placements
+    for run in runs:  # warm up
+        run()
+    for _ in range(repeats):
+        copy = min(copy, once_ms(lambda: dst.copy_(src)))
+        best = [min(b, once_ms(run)) for b, run in zip(best, runs, strict=True)]
+    return best, copy
+
+
+def main_placements(args: argparse.Namespace, machine: str) -> None:
+    print(f"# CPU backward over {args.placements} array placements: B={args.B}, D={args.D}, "
+          f"float32; {machine}\n")
+    print("| cell | T | bwd ms: min | median | max | bwd floor | bwd vs floor: min | median | "
+          "max |")
+    print("|---" * 9 + "|")
+    for name in args.cells:
+        cell = paracompile.load(ROOT / "cells" / f"{name}.cell")
+        for T in args.T:
+            ms, copy = backward_placements(cell, args.B, T, args.D, args.placements,
+                                           args.repeats)
+            floor = floor_ms(pass_arrays(cell)[1], args.B * T * args.D,
+                             _BANDWIDTH_BYTES / copy)
+            ms.sort()
+            print(f"| {cell.name} | {T} | {ms[0]:.2f} | {statistics.median(ms):.2f} | "
+                  f"{ms[-1]:.2f} | {floor:.2f} | {ms[0] / floor:.1f}x | "
+                  f"{statistics.median(ms) / floor:.1f}x | {ms[-1] / floor:.1f}x |", flush=True)
+
+
 def main_channel_blocks(args: argparse.Namespace, machine: str) -> None:
     print(f"# CPU channel blocks: B={args.B}, D={args.D}, float32; {machine}\n")
     print("| cell | T | channel block | fwd | bwd | fwd floor | bwd floor | fwd vs floor | "
@@ -226,6 +289,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--channel-blocks", nargs="+", metavar="CH",
                         help='only compare these channel blocks (numbers or "auto")')
+    parser.add_argument("--placements", type=int, metavar="N",
+                        help="only time the backward, on N sets of arrays at other addresses")
     parser.add_argument("--fresh-pages", action="store_true",
                         help="keep glibc's default of returning freed memory to the kernel")
     args = parser.parse_args()
@@ -237,6 +302,9 @@ def main() -> None:
                f"{'warm' if warm else 'fresh'} pages")
     if args.channel_blocks:
         main_channel_blocks(args, machine)
+        return
+    if args.placements:
+        main_placements(args, machine)
         return
     print(f"# CPU benchmark: B={args.B}, D={args.D}, float32; {machine}\n")
     results: dict[tuple[str, int], dict[str, float]] = {}
@@ -261,12 +329,14 @@ def main() -> None:
                      + f" | {speed:.0f}x | {fwd:.1f}x | {bwd:.1f}x | {bwd_copy:.1f}x | "
                      f"{both:.0f}x |")
     table = "\n".join(lines)
-    print("\nbest milliseconds\n")
+    legend = (f"best (minimum) milliseconds; bwd compiled: the median over {TABLE_PLACEMENTS} "
+              "sets of arrays of each set's best")
+    print(f"\n{legend}\n")
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu.md").write_text(f"CPU benchmark, B={args.B}, D={args.D}, float32, "
-                                f"{machine}\n\nbest (minimum) milliseconds\n\n{table}\n")
+                                f"{machine}\n\n{legend}\n\n{table}\n")
     try:
         import matplotlib
 
