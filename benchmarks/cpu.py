@@ -55,7 +55,9 @@ import functools
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numba
 import torch
@@ -240,40 +242,46 @@ def backward_placements(cell, B: int, T: int, D: int, placements: int, repeats: 
     return best, copy
 
 
-def main_placements(args: argparse.Namespace, machine: str) -> None:
-    print(f"# CPU backward over {args.placements} array placements: B={args.B}, D={args.D}, "
-          f"float32; {machine}\n")
-    print("| cell | T | bwd ms: min | median | max | bwd floor | bwd vs floor: min | median | "
-          "max |")
-    print("|---" * 9 + "|")
+def cells_and_lengths(args: argparse.Namespace) -> Iterator[tuple[Any, int]]:
+    """(the loaded cell, T) for each cell and sequence length asked for."""
     for name in args.cells:
         cell = paracompile.load(ROOT / "cells" / f"{name}.cell")
         for T in args.T:
-            ms, copy = backward_placements(cell, args.B, T, args.D, args.placements,
-                                           args.repeats)
-            floor = floor_ms(pass_arrays(cell)[1], args.B * T * args.D,
-                             _BANDWIDTH_BYTES / copy)
-            ms.sort()
-            print(f"| {cell.name} | {T} | {ms[0]:.2f} | {statistics.median(ms):.2f} | "
-                  f"{ms[-1]:.2f} | {floor:.2f} | {ms[0] / floor:.1f}x | "
-                  f"{statistics.median(ms) / floor:.1f}x | {ms[-1] / floor:.1f}x |", flush=True)
+            yield cell, T
+
+
+def print_table_head(title: str, columns: list[str]) -> None:
+    print(f"# {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+
+
+def main_placements(args: argparse.Namespace, machine: str) -> None:
+    print_table_head(f"CPU backward over {args.placements} array placements: B={args.B}, "
+                     f"D={args.D}, float32; {machine}",
+                     ["cell", "T", "bwd ms: min", "median", "max", "bwd floor",
+                      "bwd vs floor: min", "median", "max"])
+    for cell, T in cells_and_lengths(args):
+        ms, copy = backward_placements(cell, args.B, T, args.D, args.placements, args.repeats)
+        floor = floor_ms(pass_arrays(cell)[1], args.B * T * args.D, _BANDWIDTH_BYTES / copy)
+        ms.sort()
+        print(f"| {cell.name} | {T} | {ms[0]:.2f} | {statistics.median(ms):.2f} | "
+              f"{ms[-1]:.2f} | {floor:.2f} | {ms[0] / floor:.1f}x | "
+              f"{statistics.median(ms) / floor:.1f}x | {ms[-1] / floor:.1f}x |", flush=True)
 
 
 def main_channel_blocks(args: argparse.Namespace, machine: str) -> None:
-    print(f"# CPU channel blocks: B={args.B}, D={args.D}, float32; {machine}\n")
-    print("| cell | T | channel block | fwd | bwd | fwd floor | bwd floor | fwd vs floor | "
-          "bwd vs floor |")
-    print("|---" * 9 + "|")
-    for name in args.cells:
-        cell = paracompile.load(ROOT / "cells" / f"{name}.cell")
-        for T in args.T:
-            rows = compare_channel_blocks(cell, args.B, T, args.D, args.channel_blocks,
-                                          args.repeats)
-            for block, r in rows.items():
-                print(f"| {cell.name} | {T} | {block} | {r['fwd']:.2f} | {r['bwd']:.2f} | "
-                      f"{r['fwd floor']:.2f} | {r['bwd floor']:.2f} | "
-                      f"{r['fwd'] / r['fwd floor']:.1f}x | {r['bwd'] / r['bwd floor']:.1f}x |",
-                      flush=True)
+    print_table_head(f"CPU channel blocks: B={args.B}, D={args.D}, float32; {machine}",
+                     ["cell", "T", "channel block", "fwd", "bwd", "fwd floor", "bwd floor",
+                      "fwd vs floor", "bwd vs floor"])
+    for cell, T in cells_and_lengths(args):
+        rows = compare_channel_blocks(cell, args.B, T, args.D, args.channel_blocks,
+                                      args.repeats)
+        for block, r in rows.items():
+            print(f"| {cell.name} | {T} | {block} | {r['fwd']:.2f} | {r['bwd']:.2f} | "
+                  f"{r['fwd floor']:.2f} | {r['bwd floor']:.2f} | "
+                  f"{r['fwd'] / r['fwd floor']:.1f}x | {r['bwd'] / r['bwd floor']:.1f}x |",
+                  flush=True)
 
 
 def main() -> None:
@@ -308,12 +316,10 @@ def main() -> None:
         return
     print(f"# CPU benchmark: B={args.B}, D={args.D}, float32; {machine}\n")
     results: dict[tuple[str, int], dict[str, float]] = {}
-    for name in args.cells:
-        cell = paracompile.load(ROOT / "cells" / f"{name}.cell")
-        for T in args.T:
-            print(f"  running {cell.name} T={T} ...", flush=True)
-            results[(cell.name, T)] = bench_cell(cell, args.B, T, args.D, args.repeats,
-                                                 args.slow_limit)
+    for cell, T in cells_and_lengths(args):
+        print(f"  running {cell.name} T={T} ...", flush=True)
+        results[(cell.name, T)] = bench_cell(cell, args.B, T, args.D, args.repeats,
+                                             args.slow_limit)
     columns = list(dict.fromkeys(c for r in results.values() for c in r))
     lines = ["| cell | T | " + " | ".join(columns) + " | seq vs loop | fwd vs floor | "
              "bwd vs floor | bwd vs copy | fwd+bwd vs autograd |",
