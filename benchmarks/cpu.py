@@ -100,11 +100,16 @@ _BANDWIDTH_BYTES = 256 << 20  # a copy this large streams from memory, past any 
 TABLE_PLACEMENTS = 4  # sets of arrays the table's "bwd compiled" is the median over
 
 
-def copy_ms(nbytes: int, repeats: int) -> float:
-    """The best time of a torch copy moving `nbytes` (half read from src, half written)."""
+def copier(nbytes: int):
+    """A torch copy moving `nbytes` (half read from its source, half written), to time."""
     src = torch.ones(nbytes // 2 // 4)  # float32
     dst = torch.empty_like(src)
-    return best_ms(lambda: dst.copy_(src), repeats)
+    return lambda: dst.copy_(src)
+
+
+def copy_ms(nbytes: int, repeats: int) -> float:
+    """The best time of `copier(nbytes)`."""
+    return best_ms(copier(nbytes), repeats)
 
 
 def memory_bandwidth(repeats: int) -> float:
@@ -231,13 +236,12 @@ def backward_placements(cell, B: int, T: int, D: int, placements: int, repeats: 
         cotangents = [torch.randn_like(v) for v in out.values()]
         runs.append(functools.partial(torch.autograd.grad, list(out.values()), leaves,
                                       cotangents, retain_graph=True))
-    src = torch.ones(_BANDWIDTH_BYTES // 2 // 4)  # float32
-    dst = torch.empty_like(src)
+    bandwidth_copy = copier(_BANDWIDTH_BYTES)
     copy, best = float("inf"), [float("inf")] * placements
     for run in runs:  # warm up
         run()
     for _ in range(repeats):
-        copy = min(copy, once_ms(lambda: dst.copy_(src)))
+        copy = min(copy, once_ms(bandwidth_copy))
         best = [min(b, once_ms(run)) for b, run in zip(best, runs, strict=True)]
     return best, copy
 
@@ -264,10 +268,9 @@ def main_placements(args: argparse.Namespace, machine: str) -> None:
     for cell, T in cells_and_lengths(args):
         ms, copy = backward_placements(cell, args.B, T, args.D, args.placements, args.repeats)
         floor = floor_ms(pass_arrays(cell)[1], args.B * T * args.D, _BANDWIDTH_BYTES / copy)
-        ms.sort()
-        print(f"| {cell.name} | {T} | {ms[0]:.2f} | {statistics.median(ms):.2f} | "
-              f"{ms[-1]:.2f} | {floor:.2f} | {ms[0] / floor:.1f}x | "
-              f"{statistics.median(ms) / floor:.1f}x | {ms[-1] / floor:.1f}x |", flush=True)
+        low, mid, high = min(ms), statistics.median(ms), max(ms)
+        print(f"| {cell.name} | {T} | {low:.2f} | {mid:.2f} | {high:.2f} | {floor:.2f} | "
+              f"{low / floor:.1f}x | {mid / floor:.1f}x | {high / floor:.1f}x |", flush=True)
 
 
 def main_channel_blocks(args: argparse.Namespace, machine: str) -> None:
