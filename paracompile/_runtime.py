@@ -224,8 +224,12 @@ class CompiledCell:
             results = [*states, *outs]
         else:
             target = "cudasim" if backend == "cuda" and not xs[0].is_cuda else backend
-            *results, counts = self._forward_op(h0s, xs, ps, method, target, iterations, tol,
-                                                damping)
+            if _plain_eager([*h0s, *xs, *ps]):
+                *results, counts = _EagerCall.apply(self, method, target, iterations, tol,
+                                                    damping, *h0s, *xs, *ps)
+            else:
+                *results, counts = self._forward_op(h0s, xs, ps, method, target, iterations,
+                                                    tol, damping)
             # the counters come back through the op (no side channel: apply may run in several
             # threads); under torch.compile reading them would break the graph, so they are not
             if method == "newton" and not torch.compiler.is_compiling():
@@ -435,6 +439,65 @@ def _counters(iterations: int, fallback: int, histogram: Sequence[int],
 
 
 
+# -- the kernels' autograd: a plain autograd.Function in eager mode, custom ops otherwise ------
+# Both run the same `_run_forward` and `_run_backward`. The custom ops are what torch.compile,
+# FakeTensor and other tracers see (fake implementations, a backward op it can trace); in
+# plain eager mode their Python wrappers (pytree flattening of the list arguments, two
+# dispatcher round trips, the backward op inside the backward) cost ~0.2-0.3 ms of host time
+# per backward call on top of the kernel (docs/benchmarks.md), which `_EagerCall` skips.
+
+
+def _plain_eager(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the kernels can run directly: no tracer can be watching (not compiling, not
+    jit-tracing, no `__torch_dispatch__` mode such as FakeTensorMode or make_fx's proxy mode)
+    and only plain tensors (no subclass, e.g. FakeTensor or a functional tensor) with data (on
+    the CPU or a GPU; the ops answer meta tensors with shapes). If torch no longer has the
+    dispatch-mode probe, False: the custom ops are always correct, just slower."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if dispatch_modes is None or dispatch_modes() > 0:
+        return False
+    return all(type(t) is torch.Tensor and (t.is_cpu or t.is_cuda) for t in tensors)
+
+
+def _cotangents(grads: Sequence[torch.Tensor | None], like: torch.Tensor
+                ) -> list[torch.Tensor]:
+    """The (B, T, D) cotangents of the states and outputs for `_run_backward`: zeros where
+    autograd gave none, contiguous."""
+    return [torch.zeros_like(like) if g is None else g.contiguous() for g in grads]
+
+
+class _EagerCall(torch.autograd.Function):
+    """The forward op and its backward as one plain autograd.Function (eager mode only, see
+    `_plain_eager`). Arguments: the cell, method, target, iterations, tol, damping, then the
+    tensors h0 (k), xs (m), ps (q); returns the states, outputs and the counters, as the op."""
+
+    @staticmethod
+    def forward(ctx: Any, cell: CompiledCell, method: str, target: str, iterations: int,
+                tol: float, damping: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k, m = len(cell.states), len(cell.inputs)
+        h0s, xs, ps = tensors[:k], tensors[k:k + m], tensors[k + m:]
+        results = cell._run_forward(h0s, xs, ps, method, target, iterations, tol, damping)
+        ctx.save_for_backward(*tensors, *results[:k])
+        ctx.cell, ctx.target = cell, target
+        ctx.mark_non_differentiable(results[-1])  # Newton's counters
+        ctx.set_materialize_grads(False)  # `_cotangents` makes the zeros it needs
+        return tuple(results)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the backward op: no double backward
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        cell = ctx.cell
+        k, m = len(cell.states), len(cell.inputs)
+        saved = ctx.saved_tensors
+        n = len(saved) - k
+        h0s, xs, ps, ss = saved[:k], saved[k:k + m], saved[k + m:n], saved[n:]
+        gs = _cotangents(grads[:-1], ss[0])  # the counters have no gradient
+        out = cell._run_backward(gs[:k], gs[k:], h0s, xs, ps, ss, ctx.target)
+        return (None,) * 6 + tuple(out)
+
+
 # -- torch custom ops ------------------------------------------------------------------------
 
 _OPS: dict[str, tuple[Any, Any]] = {}
@@ -486,8 +549,7 @@ def _ops_for(cell: CompiledCell):
         xs = saved[n_states:n_states + n_in]
         ps = saved[n_states + n_in:n_states + n_in + n_par]
         ss = saved[n_states + n_in + n_par:]
-        # the last output (Newton's counters) is an integer tensor: it has no gradient
-        grads = [torch.zeros_like(ss[0]) if g is None else g.contiguous() for g in grads[:-1]]
+        grads = _cotangents(grads[:-1], ss[0])  # the counters have no gradient
         out = backward(grads[:n_states], grads[n_states:], h0, xs, ps, ss, ctx.target)
         return (out[:n_states], out[n_states:n_states + n_in], out[n_states + n_in:],
                 *[None] * (ctx.n_inputs - 3))

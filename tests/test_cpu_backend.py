@@ -38,6 +38,7 @@ from conftest import (
 )
 
 import paracompile
+from paracompile import _runtime
 from paracompile._defaults import DAMPED_STEPS, default_tol
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -345,9 +346,18 @@ def test_opcheck_backward(name):
     torch.library.opcheck(cell._backward_op, (gs, gy, h0, xs, ps, ss, "cpu"))
 
 
+@pytest.fixture
+def ops_only(monkeypatch):
+    """Every call through the custom ops, as under a tracer (`_runtime._plain_eager`)."""
+    monkeypatch.setattr(_runtime, "_plain_eager", lambda tensors: False)
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", ["paragru", "paralstm", "coupled3", "elman"])
-def test_gradcheck(name, method):
+def test_gradcheck(name, method, path, request):
+    if path == "ops":
+        request.getfixturevalue("ops_only")
     cell = shipped(name)
     h0, xs, ps = op_args(cell, T=6, D=3)
     nh, nx = len(h0), len(xs)
@@ -361,6 +371,89 @@ def test_gradcheck(name, method):
         return tuple(out.values())
 
     assert torch.autograd.gradcheck(f, (*h0, *xs, *ps))
+
+
+def _outputs_and_grads(cell, method: str):
+    h0, xs, ps = op_args(cell, T=40, D=5)
+    out = cell.apply(dict(zip(cell.inputs, xs, strict=True)),
+                     dict(zip(cell.params, ps, strict=True)),
+                     dict(zip(cell.states, h0, strict=True)), method=method, backend="cpu")
+    g = torch.Generator().manual_seed(3)
+    cot = [torch.randn(v.shape, dtype=v.dtype, generator=g) for v in out.values()]
+    grads = torch.autograd.grad(list(out.values()), [*h0, *xs, *ps], cot)
+    return out, grads
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", OPCHECK_CELLS)
+def test_eager_call_equals_the_ops(name, method, monkeypatch):
+    """Plain eager calls skip the custom ops' wrappers (`_runtime._EagerCall`); both paths run
+    the same kernels, so outputs and all gradients are bitwise equal."""
+    cell = shipped(name)
+    out, grads = _outputs_and_grads(cell, method)
+    assert type(next(iter(out.values())).grad_fn).__name__ == "_EagerCallBackward"
+    monkeypatch.setattr(_runtime, "_plain_eager", lambda tensors: False)
+    out_ops, grads_ops = _outputs_and_grads(cell, method)
+    assert "_EagerCall" not in type(next(iter(out_ops.values())).grad_fn).__name__
+    assert list(out) == list(out_ops)
+    for a, b in zip([*out.values(), *grads], [*out_ops.values(), *grads_ops], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_tracers_see_the_ops():
+    """Under a tracer the kernels must run as custom ops, or the trace would hold their
+    results as constants: `_plain_eager` is False under FakeTensorMode, any dispatch mode,
+    for tensor subclasses and meta tensors; make_fx (real tensors, a proxy dispatch mode)
+    records the ops, and its graph recomputes on new inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    x = torch.ones(2, 3, 4)
+    assert _runtime._plain_eager([x])
+    assert not _runtime._plain_eager([x.as_subclass(Subclass)])
+    assert not _runtime._plain_eager([x, x.to("meta")])
+    with Passthrough():
+        assert not _runtime._plain_eager([x])
+    with FakeTensorMode():
+        assert not _runtime._plain_eager([torch.ones(2)])
+
+    cell = shipped("paragru")
+    h0, xs, ps = op_args(cell, T=7, D=3, requires_grad=False)
+
+    def f(*xx):
+        out = cell.apply(dict(zip(cell.inputs, xx, strict=True)),
+                         dict(zip(cell.params, ps, strict=True)), method="sequential",
+                         backend="cpu")
+        return out[cell.states[0]]
+
+    graph = make_fx(f)(*xs)
+    assert "paracompile" in str(graph.graph)
+    other = [2 * x for x in xs]
+    assert torch.equal(graph(*other), f(*other))
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+def test_no_double_backward(path, request):
+    """The compiled backward is not differentiable again: a second derivative through it is
+    an error on both paths, never a silently wrong (constant) result."""
+    if path == "ops":
+        request.getfixturevalue("ops_only")
+    cell = shipped("paragru")
+    h0, xs, ps = op_args(cell, T=5, D=3)
+    out = cell.apply(dict(zip(cell.inputs, xs, strict=True)),
+                     dict(zip(cell.params, ps, strict=True)), method="sequential",
+                     backend="cpu")
+    (g,) = torch.autograd.grad(out[cell.states[0]].square().sum(), [xs[0]], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), [xs[0]])
 
 
 # inductor imports torch.utils.mkldnn, whose torch.jit.script_method use warns (torch's own
