@@ -15,6 +15,7 @@ import keyword
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from importlib import resources
@@ -23,7 +24,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from . import _cache
-from ._errors import CellError
+from ._errors import CellError, CellWarning
 from ._meta import CellMeta
 from ._runtime import CompiledCell
 from ._version import __version__
@@ -305,18 +306,26 @@ def _check_not_shadowing(module: str, target: Path) -> None:
 
 
 class _Compiler:
-    """Parses and analyses a cell only when something is missing from the cache."""
+    """Parses and analyses a cell only when something is missing from the cache.
+
+    `loaded`: set once `load` has returned. A parse after that (the metadata came from the
+    cache, a kernel module did not) is for rendering only: the cell's warnings belong to the
+    load, so they are not raised again in the middle of an `apply`."""
 
     def __init__(self, text: str, filename: str, ir: CellIR | None) -> None:
         self._text, self._filename, self._ir = text, filename, ir
         self._analysis = None
+        self.loaded = False
 
     @property
     def ir(self) -> CellIR:
         if self._ir is None:
             from ._parse import parse_cell
 
-            self._ir = parse_cell(self._text, self._filename)
+            with warnings.catch_warnings():
+                if self.loaded:
+                    warnings.simplefilter("ignore", CellWarning)
+                self._ir = parse_cell(self._text, self._filename)
         return self._ir
 
     @property
@@ -371,6 +380,7 @@ def _load(key: str, text: str, filename: str, ir: CellIR | None) -> CompiledCell
         return mod
 
     torch_step = module("torch", "any").torch_step
+    compiler.loaded = True
     # a cell from `.cell` text is made again from it (e.g. to unpickle one of its layers)
     loader = functools.partial(load, text) if text else None
     return CompiledCell(meta, cache(module), torch_step, loader)

@@ -15,9 +15,11 @@ import subprocess
 import sys
 import threading
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CELLS_DIR, ROOT
 
 import paracompile
@@ -64,6 +66,20 @@ def test_second_load_in_a_fresh_process_compiles_nothing():
     for kernel in ("forward_sequential", "newton_linearise", "newton_carry", "newton_fixup",
                    "backward_adjoint"):
         assert f".{kernel}-" in log, kernel
+
+
+def test_cell_warnings_belong_to_the_load():
+    """An unused declaration warns when the cell is loaded. With its metadata cached and a
+    kernel module not (new templates, another dtype), rendering the module parses the cell
+    again: that must not warn again from inside the first apply (an error under -W error)."""
+    text = f"# {uuid.uuid4()}\ncell Unused\nstate h\ninput x\nparam w\nh' = tanh(0.5 * h + x)\n"
+    with pytest.warns(paracompile.CellWarning, match="param 'w' is never used"):
+        paracompile.load(text)
+    cell = paracompile.load(text)  # the metadata from the cache: nothing parsed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = cell._module("cpu", torch.float64)  # rendered now: parses the cell again
+    assert hasattr(module, "backward_adjoint")
 
 
 def test_first_load_analyses_and_renders_once():
