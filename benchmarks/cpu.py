@@ -19,10 +19,11 @@ minimum is the least disturbed run. The bandwidth is that of the run's best 256 
 
 The backward alone ("bwd compiled") is the median, over TABLE_PLACEMENTS sets of arrays (all
 alive at once, so each set lies at other addresses), of each set's best time, the sets and
-the 256 MiB copy taking turns within each repeat. The VM of docs/benchmarks.md has slow
-spells of a second or more, longer than a back-to-back series of repeats of a 3 ms pass
-(whose minimum then measures the spell: up to 45% above other processes'), and the same
-kernel on the same values runs up to ~30% slower on some sets of arrays than on others.
+the 256 MiB copy taking turns within each repeat, half the repeats before the forward
+columns and half after them. The VM of docs/benchmarks.md has slow spells of a second or
+more, longer than a back-to-back series of repeats of a 3 ms pass (whose minimum then
+measures the spell: up to 45% above other processes'), and the same kernel on the same
+values runs up to ~30% slower on some sets of arrays than on others.
 
 Warm pages: by default glibc hands freed blocks of more than a few MB back to the kernel, so
 every pass that allocates its outputs (the compiled ops, torch's loops alike) would also pay
@@ -145,6 +146,11 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
     row["fwd floor"] = row["bwd floor"] = 0.0  # set below, from the best copy of the run
     # at least 50 repeats: the copy takes about a millisecond
     row["bwd copy"] = copy_ms(bwd_arrays * B * T * D * 4, max(repeats, 50))
+    # the backward alone (the compiled adjoint kernel and its host-side work): the median of
+    # its best times on TABLE_PLACEMENTS sets of arrays, timed in turns with the copy, in two
+    # windows: half the repeats now, the rest after the forward columns
+    backward = BackwardPlacements(cell, B, T, D, TABLE_PLACEMENTS)
+    backward.time((repeats + 1) // 2)
     with torch.no_grad():
         row["compiled sequential"] = best_ms(
             lambda: cell.apply(inputs, params, method="sequential", backend="cpu"), repeats)
@@ -157,12 +163,9 @@ def bench_cell(cell, B: int, T: int, D: int, repeats: int, slow_limit: int) -> d
             row["torch newton (reference)"] = best_ms(
                 lambda: cell.apply(inputs, params, method="newton", backend="torch"), 3)
 
-    # the backward alone (the compiled adjoint kernel and its host-side work): the median of
-    # its best times on TABLE_PLACEMENTS sets of arrays, timed in turns with the copy
-    placements, interleaved_copy = backward_placements(cell, B, T, D, TABLE_PLACEMENTS,
-                                                       repeats)
-    row["bwd compiled"] = statistics.median(placements)
-    bandwidth = max(bandwidth, _BANDWIDTH_BYTES / interleaved_copy)  # the best of the run
+    backward.time(repeats // 2)
+    row["bwd compiled"] = statistics.median(backward.best)
+    bandwidth = max(bandwidth, _BANDWIDTH_BYTES / backward.copy)  # the best of the run
     row["fwd floor"] = floor_ms(fwd_arrays, B * T * D, bandwidth)
     row["bwd floor"] = floor_ms(bwd_arrays, B * T * D, bandwidth)
 
@@ -221,29 +224,36 @@ def compare_channel_blocks(cell, B: int, T: int, D: int, blocks: list[str], repe
             for b, r in best.items()}
 
 
-def backward_placements(cell, B: int, T: int, D: int, placements: int, repeats: int
-                        ) -> tuple[list[float], float]:
-    """(the best ms of the backward alone on each of `placements` sets of arrays, the best ms
-    of the 256 MiB copy that sets memory's bandwidth).
+class BackwardPlacements:
+    """The backward alone on `placements` sets of arrays, all alive at once (so each set lies
+    at other addresses), and the 256 MiB copy that sets memory's bandwidth: `time` runs them
+    in turns, so that a slow spell of the machine hits them alike (what remains between sets
+    is where their arrays lie), and keeps each one's best over all its calls.
 
-    The sets take turns within each repeat, with the floor's copy, so that a slow spell of
-    the machine hits them alike: what remains between sets is where their arrays lie."""
-    runs = []
-    for _ in range(placements):  # all alive at once: each set lands at other addresses
-        inputs, params = make_args(cell, B, T, D, grad=True)
-        leaves = [*inputs.values(), *params.values()]
-        out = cell.apply(inputs, params, method="sequential", backend="cpu")
-        cotangents = [torch.randn_like(v) for v in out.values()]
-        runs.append(functools.partial(torch.autograd.grad, list(out.values()), leaves,
-                                      cotangents, retain_graph=True))
-    bandwidth_copy = copier(_BANDWIDTH_BYTES)
-    copy, best = float("inf"), [float("inf")] * placements
-    for run in runs:  # warm up
-        run()
-    for _ in range(repeats):
-        copy = min(copy, once_ms(bandwidth_copy))
-        best = [min(b, once_ms(run)) for b, run in zip(best, runs, strict=True)]
-    return best, copy
+    Calling `time` in two windows seconds apart (`bench_cell` does) keeps a slow spell of a
+    second or two, which slows the compute-bound kernel but not the copy, from covering every
+    repeat: the best of each is then the undisturbed time."""
+
+    def __init__(self, cell, B: int, T: int, D: int, placements: int) -> None:
+        self.runs = []
+        for _ in range(placements):
+            inputs, params = make_args(cell, B, T, D, grad=True)
+            leaves = [*inputs.values(), *params.values()]
+            out = cell.apply(inputs, params, method="sequential", backend="cpu")
+            cotangents = [torch.randn_like(v) for v in out.values()]
+            self.runs.append(functools.partial(torch.autograd.grad, list(out.values()),
+                                               leaves, cotangents, retain_graph=True))
+        self.bandwidth_copy = copier(_BANDWIDTH_BYTES)
+        self.copy = float("inf")  # ms, the best copy
+        self.best = [float("inf")] * placements  # ms, each set's best backward
+        for run in self.runs:  # warm up
+            run()
+
+    def time(self, repeats: int) -> None:
+        for _ in range(repeats):
+            self.copy = min(self.copy, once_ms(self.bandwidth_copy))
+            self.best = [min(b, once_ms(run)) for b, run in zip(self.best, self.runs,
+                                                                 strict=True)]
 
 
 def cells_and_lengths(args: argparse.Namespace) -> Iterator[tuple[Any, int]]:
@@ -266,8 +276,11 @@ def main_placements(args: argparse.Namespace, machine: str) -> None:
                      ["cell", "T", "bwd ms: min", "median", "max", "bwd floor",
                       "bwd vs floor: min", "median", "max"])
     for cell, T in cells_and_lengths(args):
-        ms, copy = backward_placements(cell, args.B, T, args.D, args.placements, args.repeats)
-        floor = floor_ms(pass_arrays(cell)[1], args.B * T * args.D, _BANDWIDTH_BYTES / copy)
+        backward = BackwardPlacements(cell, args.B, T, args.D, args.placements)
+        backward.time(args.repeats)
+        ms = backward.best
+        floor = floor_ms(pass_arrays(cell)[1], args.B * T * args.D,
+                         _BANDWIDTH_BYTES / backward.copy)
         low, mid, high = min(ms), statistics.median(ms), max(ms)
         print(f"| {cell.name} | {T} | {low:.2f} | {mid:.2f} | {high:.2f} | {floor:.2f} | "
               f"{low / floor:.1f}x | {mid / floor:.1f}x | {high / floor:.1f}x |", flush=True)
