@@ -277,22 +277,21 @@ def backward(module: ModuleType, g_states: Sequence[torch.Tensor | None],
     g_h0s = [h.new_empty(h.shape) for h in h0s]
     g_xs = [x.new_empty(x.shape) for x in xs]
     p, M = _split_params(ps)
-    # vector and scalar params: per-(b, d) partial gradients, which the kernel sums over b
-    # into the first D values; matrices: per-b partial gradients
-    g_p = [xs[0].new_empty(B * D) for _ in p]
+    # per-(b, d) partial gradients of vector and scalar params, per-b ones of matrices
+    g_p = [np.empty(B * D, v.dtype) for v in p]
     g_M = [np.zeros((B, D, D), m.dtype) for m in M]
     ch = _defaults.cpu_channel_block(B, D, numba.get_num_threads())
     module.backward_adjoint(*g_states, *g_outputs, *[_flat(h) for h in h0s],
                             *[_flat(x) for x in xs], *p, *M, *[_flat(s) for s in states],
-                            *[_out(g) for g in g_h0s], *[_out(g) for g in g_xs],
-                            *[_out(g) for g in g_p], *g_M, B, T, D, ch)
+                            *[_out(g) for g in g_h0s], *[_out(g) for g in g_xs], *g_p, *g_M,
+                            B, T, D, ch)
     g_ps, partials, matrices = [], iter(g_p), iter(g_M)
     for q in ps:
         if q.dim() == 2:
             g_ps.append(torch.from_numpy(next(matrices).sum(axis=0)))
         else:
-            summed = next(partials)[:D]
-            g_ps.append(summed if q.dim() == 1 else summed.sum())
+            partial = torch.from_numpy(next(partials).reshape(B, D))
+            g_ps.append(partial.sum(0) if q.dim() == 1 else partial.sum())
     return g_h0s, g_xs, g_ps
 
 

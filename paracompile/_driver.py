@@ -15,7 +15,6 @@ import keyword
 import os
 import re
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from importlib import resources
@@ -24,7 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from . import _cache
-from ._errors import CellError, CellWarning
+from ._errors import CellError
 from ._meta import CellMeta
 from ._runtime import CompiledCell
 from ._version import __version__
@@ -322,10 +321,7 @@ class _Compiler:
         if self._ir is None:
             from ._parse import parse_cell
 
-            with warnings.catch_warnings():
-                if self.loaded:
-                    warnings.simplefilter("ignore", CellWarning)
-                self._ir = parse_cell(self._text, self._filename)
+            self._ir = parse_cell(self._text, self._filename, warn=not self.loaded)
         return self._ir
 
     @property

@@ -53,14 +53,15 @@ def _parser() -> lark.Lark:
     return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
-def parse_cell(text: str, filename: str = "<cell>") -> CellIR:
-    """Parse and check the text of a `.cell` file."""
+def parse_cell(text: str, filename: str = "<cell>", *, warn: bool = True) -> CellIR:
+    """Parse and check the text of a `.cell` file; `warn`: whether to warn (CellWarning) about
+    unused declarations (a flag, not a warnings filter: those are process-wide)."""
     _check_parentheses(text, filename)
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedInput as err:
         raise _syntax_error(err, text, filename) from None
-    return _Checker(text, filename).build(tree)
+    return _Checker(text, filename).build(tree, warn=warn)
 
 
 def _check_parentheses(text: str, filename: str) -> None:
@@ -157,7 +158,7 @@ class _Checker:
         return CellError(pos.line, pos.column, message, self.filename)
 
     # -- statements --------------------------------------------------------------------------
-    def build(self, tree: Tree) -> CellIR:
+    def build(self, tree: Tree, warn: bool = True) -> CellIR:
         statements = [s for s in tree.children if isinstance(s, Tree)]
         if not statements or statements[0].data != "cell_decl":
             at = statements[0] if statements else Pos(1, 1)
@@ -175,7 +176,8 @@ class _Checker:
                     self.positions[state],
                     f"state {state!r} has no update; add a line \"{state}' = ...\"",
                 )
-        self._warn_unused()
+        if warn:
+            self._warn_unused()
         return CellIR(
             name=str(name_token),
             states=tuple(self.states),

@@ -447,18 +447,23 @@ def _counters(iterations: int, fallback: int, histogram: Sequence[int],
 # per backward call on top of the kernel (docs/benchmarks.md), which `_EagerCall` skips.
 
 
+# nn.Parameter is a subclass only to mark module parameters (it disables __torch_function__)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the kernels can run directly: no tracer can be watching (not compiling, not
     jit-tracing, no `__torch_dispatch__` mode such as FakeTensorMode or make_fx's proxy mode)
-    and only plain tensors (no subclass, e.g. FakeTensor or a functional tensor) with data (on
-    the CPU or a GPU; the ops answer meta tensors with shapes). If torch no longer has the
-    dispatch-mode probe, False: the custom ops are always correct, just slower."""
+    and only plain tensors or `nn.Parameter`s (no other subclass, e.g. FakeTensor or a
+    functional tensor) with data (on the CPU or a GPU; the ops answer meta tensors with
+    shapes). If torch no longer has the dispatch-mode probe, False: the custom ops are always
+    correct, just slower."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
     if dispatch_modes is None or dispatch_modes() > 0:
         return False
-    return all(type(t) is torch.Tensor and (t.is_cpu or t.is_cuda) for t in tensors)
+    return all(type(t) in _PLAIN_TENSORS and (t.is_cpu or t.is_cuda) for t in tensors)
 
 
 def _cotangents(grads: Sequence[torch.Tensor | None], like: torch.Tensor

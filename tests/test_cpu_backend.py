@@ -375,6 +375,7 @@ def test_gradcheck(name, method, path, request):
 
 def _outputs_and_grads(cell, method: str):
     h0, xs, ps = op_args(cell, T=40, D=5)
+    ps = [torch.nn.Parameter(p) for p in ps]  # as a layer passes them
     out = cell.apply(dict(zip(cell.inputs, xs, strict=True)),
                      dict(zip(cell.params, ps, strict=True)),
                      dict(zip(cell.states, h0, strict=True)), method=method, backend="cpu")
@@ -417,7 +418,7 @@ def test_tracers_see_the_ops():
         pass
 
     x = torch.ones(2, 3, 4)
-    assert _runtime._plain_eager([x])
+    assert _runtime._plain_eager([x, torch.nn.Parameter(x)])
     assert not _runtime._plain_eager([x.as_subclass(Subclass)])
     assert not _runtime._plain_eager([x, x.to("meta")])
     with Passthrough():

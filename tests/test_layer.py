@@ -10,6 +10,7 @@ import torch
 from conftest import CELLS_DIR, SHIPPED, shipped, warm_kernels
 
 import paracompile
+from paracompile import _runtime
 from paracompile._layer import CellLayer
 
 CELL_FILES = {name: CELLS_DIR / f"{name}.cell" for name in SHIPPED}
@@ -445,6 +446,19 @@ def test_step_with_outputs_and_default_state() -> None:
     torch.testing.assert_close(state["h"], x)
     torch.testing.assert_close(outputs["y"], 3 * x)
     torch.testing.assert_close(outputs["one"], torch.ones(2, 4))  # a constant, still (B, D)
+
+
+def test_layer_calls_take_the_eager_path(cells, monkeypatch) -> None:
+    """A layer passes its nn.Parameters to apply: they are plain tensors for
+    `_runtime._plain_eager`, so training in eager mode skips the custom ops' wrappers."""
+    decisions: list[bool] = []
+    plain_eager = _runtime._plain_eager
+    monkeypatch.setattr(_runtime, "_plain_eager",
+                        lambda tensors: decisions.append(plain_eager(tensors)) or decisions[-1])
+    layer = make(cells["paragru"], 6, 4, backend="cpu")
+    y, _ = layer(torch.randn(2, 5, 6))
+    y.sum().backward()
+    assert decisions == [True]
 
 
 def test_layer_step_equals_forward(cells) -> None:
