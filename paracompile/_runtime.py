@@ -466,6 +466,15 @@ def _plain_eager(tensors: Sequence[torch.Tensor]) -> bool:
     return all(type(t) in _PLAIN_TENSORS and (t.is_cpu or t.is_cuda) for t in tensors)
 
 
+def _saved_groups(saved: Sequence[torch.Tensor], n_states: int, n_inputs: int
+                  ) -> tuple[Sequence[torch.Tensor], ...]:
+    """(h0s, xs, ps, states) from the tensors both autograd paths save for the backward: h0
+    (k), xs (m), ps, then the forward's states (k)."""
+    n = len(saved) - n_states
+    return (saved[:n_states], saved[n_states:n_states + n_inputs],
+            saved[n_states + n_inputs:n], saved[n:])
+
+
 def _cotangents(grads: Sequence[torch.Tensor | None], like: torch.Tensor
                 ) -> list[torch.Tensor]:
     """The (B, T, D) cotangents of the states and outputs for `_run_backward`: zeros where
@@ -494,10 +503,8 @@ class _EagerCall(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # as the backward op: no double backward
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         cell = ctx.cell
-        k, m = len(cell.states), len(cell.inputs)
-        saved = ctx.saved_tensors
-        n = len(saved) - k
-        h0s, xs, ps, ss = saved[:k], saved[k:k + m], saved[k + m:n], saved[n:]
+        k = len(cell.states)
+        h0s, xs, ps, ss = _saved_groups(ctx.saved_tensors, k, len(cell.inputs))
         gs = _cotangents(grads[:-1], ss[0])  # the counters have no gradient
         out = cell._run_backward(gs[:k], gs[k:], h0s, xs, ps, ss, ctx.target)
         return (None,) * 6 + tuple(out)
@@ -514,7 +521,7 @@ def _ops_for(cell: CompiledCell):
     _CELLS[cell.key] = cell  # the newest object with this key serves the ops
     if cell.key in _OPS:
         return _OPS[cell.key]
-    n_states, n_in, n_par = len(cell.states), len(cell.inputs), len(cell.params)
+    n_states, n_in = len(cell.states), len(cell.inputs)
     key = cell.key
     base = f"paracompile::{_identifier(cell.name)}_{key[:16]}"
 
@@ -549,11 +556,7 @@ def _ops_for(cell: CompiledCell):
         ctx.n_inputs = len(inputs) - (inputs[7] == "")
 
     def grad(ctx, grads):
-        saved = list(ctx.saved_tensors)
-        h0 = saved[:n_states]
-        xs = saved[n_states:n_states + n_in]
-        ps = saved[n_states + n_in:n_states + n_in + n_par]
-        ss = saved[n_states + n_in + n_par:]
+        h0, xs, ps, ss = (list(g) for g in _saved_groups(ctx.saved_tensors, n_states, n_in))
         grads = _cotangents(grads[:-1], ss[0])  # the counters have no gradient
         out = backward(grads[:n_states], grads[n_states:], h0, xs, ps, ss, ctx.target)
         return (out[:n_states], out[n_states:n_states + n_in], out[n_states + n_in:],
